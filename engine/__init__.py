@@ -1,0 +1,1 @@
+"""Training machinery: config, LoRA, data, distributed strategies, trainer, checkpoints."""

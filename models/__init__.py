@@ -1,0 +1,1 @@
+"""From-scratch ViT and LLaMA-family models whose parameter names match the HF checkpoints."""
