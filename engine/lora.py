@@ -191,8 +191,9 @@ def load_adapter_state_dict(llm: nn.Module, state: dict[str, torch.Tensor], sour
             p.copy_(tensor.to(p.dtype))
 
 
-def peft_adapter_config(cfg: LoRAConfig, base_model: str, llm: nn.Module) -> dict:
-    targets = sorted({n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n in lora_parameter_names(llm)})
+def peft_adapter_config(cfg: LoRAConfig, base_model: str, adapter_keys: Iterable[str]) -> dict:
+    """PEFT's adapter_config.json; target_modules lists the layers that really carry adapters."""
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter_keys})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
