@@ -41,6 +41,7 @@ class ModelConfig:
     group: int = 4
     group_layout: Literal["sequence", "spatial"] = "sequence"
     projection_checkpoint: str | None = None  # a projection.safetensors to start from
+    adapter_checkpoint: str | None = None  # a PEFT adapter folder to start from (stage 2)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     kernels: Literal["torch", "triton"] = "torch"
     attn_implementation: Literal["sdpa", "flash_attention_2", "xformers"] = "sdpa"
