@@ -18,6 +18,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,9 @@ def save_checkpoint(
 
     trainable = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
     trainable["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(trainable, checkpoint_id=str(tmp / "trainer_state" / "dcp"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(trainable, checkpoint_id=str(tmp / "trainer_state" / "dcp"))
     torch.save(_rng_state(), tmp / "trainer_state" / f"rng_rank{env.rank}.pt")
 
     full = _full_trainable_state(model)
@@ -158,7 +161,9 @@ def load_checkpoint(
         "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(state, checkpoint_id=str(path / "trainer_state" / "dcp"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "trainer_state" / "dcp"))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / "trainer_state" / f"rng_rank{env.rank}.pt"

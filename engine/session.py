@@ -26,9 +26,7 @@ def ensure_synthetic(spec: DatasetSpec, cfg: Config, is_main: bool = True) -> No
     from engine.data import synthetic
 
     root = Path(spec.path)
-    if (root / "testset.json").exists():
-        return
-    if is_main:
+    if not (root / "testset.json").exists() and is_main:
         synthetic.generate(
             root,
             n_train=cfg.data.synthetic_train,
@@ -36,6 +34,10 @@ def ensure_synthetic(spec: DatasetSpec, cfg: Config, is_main: bool = True) -> No
             image_size=cfg.model.image_size,
             seed=cfg.train.seed,
         )
+    if not (root / "tokenizer").exists() and is_main:
+        from engine.data.tokenizer import build_demo_tokenizer
+
+        build_demo_tokenizer(synthetic.corpus(root), root / "tokenizer")
     distributed.barrier()
 
 
@@ -76,12 +78,19 @@ def load_run_tokenizer(cfg: Config):
     return load_tokenizer(cfg.model.tokenizer or cfg.model.llm)
 
 
+def fit_vocab_to_tokenizer(cfg: Config, tokenizer) -> None:
+    """A random-init LLM (the demo) gets exactly the tokenizer's vocabulary."""
+    if cfg.model.random_init and "vocab_size" not in cfg.model.llm_overrides:
+        cfg.model.llm_overrides["vocab_size"] = len(tokenizer)
+
+
 def train_from_config(cfg: Config) -> dict:
     env = distributed.init_distributed(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)
-        tokenizer = load_run_tokenizer(cfg)
         samples = load_samples(cfg.data.train, cfg, env.is_main)
+        tokenizer = load_run_tokenizer(cfg)
+        fit_vocab_to_tokenizer(cfg, tokenizer)
         model = build_model(cfg, env.device, log=print if env.is_main else (lambda *_: None))
         model = distributed.apply_strategy(model, cfg.train.strategy, env, DTYPES[cfg.model.dtype])
         from engine.data.collate import collate
