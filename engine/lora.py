@@ -31,7 +31,7 @@ def _lora_function(kernels: str) -> Callable:
 
         return lora_linear
     if kernels == "torch":
-        from kernels.lora import lora_linear_reference
+        from kernels.reference import lora_linear_reference
 
         return lora_linear_reference
     raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")

@@ -4,7 +4,7 @@ MiniGPT-v2's connector drops the CLS token, concatenates every `group` consecuti
 tokens (`view(B, N/group, group*D)`) and applies one trainable `Linear(group*D, llm_dim)`,
 which MiniGPT-v2 names `llama_proj`. The "spatial" layout concatenates 2x2 neighbours on the
 patch grid instead (pixel-shuffle, as in InternVL and Idefics3). The arithmetic is in
-`kernels.visual_proj`: the plain PyTorch reference for `kernels: torch`, the Triton kernel,
+`kernels.reference` for `kernels: torch`, and `kernels.visual_proj`, the Triton kernel
 whose gather happens inside its loads, for `kernels: triton`.
 """
 
@@ -20,7 +20,7 @@ def _projection_function(kernels: str):
 
         return grouped_projection
     if kernels == "torch":
-        from kernels.visual_proj import grouped_projection_reference
+        from kernels.reference import grouped_projection_reference
 
         return grouped_projection_reference
     raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")
