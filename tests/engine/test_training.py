@@ -82,9 +82,10 @@ def test_loss_goes_down_and_checkpoint_is_complete(reference_run):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_fsdp2_reproduces_single_process(tmp_path, data_dir, reference_run):
-    out = tmp_path / "fsdp2"
-    run(command(out, data_dir, ["train.grad_accum=1", "train.micro_batch_size=2", "train.strategy=fsdp2"], nproc=2))
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_reproduce_single_process(tmp_path, data_dir, reference_run, strategy):
+    out = tmp_path / strategy
+    run(command(out, data_dir, ["train.grad_accum=1", "train.micro_batch_size=2", f"train.strategy={strategy}"], nproc=2))
     single, sharded = losses(reference_run), losses(out)
     assert len(sharded) == 20
     worst = max(abs(a - b) for a, b in zip(single, sharded))
