@@ -40,6 +40,7 @@ QLoRA
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -275,11 +276,16 @@ def _dropout_active(dropout_p: float, seed: torch.Tensor | None) -> bool:
     return dropout_p > 0
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(m: int, col_blocks: int, block_m: int, device: torch.device) -> int:
     """How many programs share the reduction over M: about two waves of the GPU in total."""
     if _INTERPRET or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * sms, col_blocks)))
 
 
