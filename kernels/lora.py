@@ -380,6 +380,14 @@ def _matmul_lora(
     return out
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            f"kernels.lora: the Triton path runs on CUDA tensors, got {device}; use `kernels: torch` "
+            "(kernels.lora.lora_linear_reference) on CPU, or set TRITON_INTERPRET=1 before importing triton"
+        )
+
+
 def _is_nf4(weight: Any) -> bool:
     return type(weight).__name__ == "NF4Weight" and hasattr(weight, "dequantize")
 
@@ -416,6 +424,7 @@ def _check_inputs(
         tensors.append(weight)
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"kernels.lora: tensors on different devices {sorted({str(t.device) for t in tensors})}")
+    _check_device(x.device)
 
 
 def lora_forward(
@@ -519,6 +528,7 @@ def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, ...] | torch.Size, 
     same Philox draw as the kernels, so it needs Triton (a GPU, or TRITON_INTERPRET=1 on CPU).
     """
     seed_t = _seed_tensor(seed, torch.device(device) if device is not None else None)
+    _check_device(seed_t.device)
     shape = tuple(shape)
     k = shape[-1] if shape else 1
     m = max(1, int(torch.Size(shape[:-1]).numel())) if shape else 1
