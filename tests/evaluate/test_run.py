@@ -66,3 +66,28 @@ def test_majority_baseline(trained):
 def test_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
         resolve_checkpoint(tmp_path)
+
+
+def test_ask_png_and_dicom(trained, capsys):
+    pydicom = pytest.importorskip("pydicom")
+    from evaluate.ask import main
+
+    _, root = trained
+    png = next((root / "data" / "images").glob("*.png"))
+    assert main(["--checkpoint", str(root / "run"), "--image", str(png), "--question", "how many lesions are there?"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    dcm = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert main(["--checkpoint", str(root / "run"), "--image", dcm, "--report", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_ask_errors_exit_2(trained, tmp_path, capsys):
+    from evaluate.ask import main
+
+    _, root = trained
+    broken = tmp_path / "scan.png"
+    broken.write_bytes(b"garbage")
+    assert main(["--checkpoint", str(root / "run"), "--image", str(broken), "--question", "q?"]) == 2
+    assert "scan.png" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--image", str(broken), "--question", "q?"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
