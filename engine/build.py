@@ -33,7 +33,17 @@ def llm_config(cfg: Config) -> "llama.LlamaConfig":
         base = llama.CONFIGS[m.llm]
     else:
         base = llama.LlamaConfig.from_hf(m.llm)
-    return dataclasses.replace(base, **m.llm_overrides) if m.llm_overrides else base
+    return with_overrides(base, m.llm_overrides)
+
+
+def with_overrides(base: "llama.LlamaConfig", overrides: dict) -> "llama.LlamaConfig":
+    """Apply overrides, recomputing the derived sizes (head_dim, MHA's kv heads) they change."""
+    values = dataclasses.asdict(base)
+    if "head_dim" not in overrides and ({"hidden_size", "num_attention_heads"} & overrides.keys()):
+        values["head_dim"] = None
+    if "num_key_value_heads" not in overrides and base.num_key_value_heads == base.num_attention_heads:
+        values["num_key_value_heads"] = None
+    return llama.LlamaConfig(**{**values, **overrides})
 
 
 def vision_config(cfg: Config) -> "vit.VisionConfig":
