@@ -82,6 +82,10 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", *, log=print) -
     device = torch.device(device)
     torch.manual_seed(cfg.train.seed)  # random-init towers and fresh adapters are reproducible
     llm = build_llm(cfg, device)
+    if m.quantize_llm == "nf4":
+        from engine.lora import quantize_frozen_linears
+
+        quantize_frozen_linears(llm.model.layers, m.kernels)
     vision = build_vit(cfg, device)
     width = vision.config.hidden_size
     with torch.device(device):

@@ -98,11 +98,54 @@ class LoRALinear(nn.Module):
             training=self.training,
         )
 
+    def quantize_(self) -> None:
+        """Store the frozen base weight as NF4 (QLoRA); the adapter stays in full precision."""
+        from kernels.nf4 import quantize_nf4
+
+        q = quantize_nf4(self.weight.detach())
+        del self.weight
+        self.weight = q
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, kernels={self.kernels}"
         )
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as NF4 (the non-adapted layers under QLoRA)."""
+
+    def __init__(self, linear: nn.Linear, kernels: str = "torch") -> None:
+        super().__init__()
+        from kernels.nf4 import quantize_nf4
+
+        self.weight = quantize_nf4(linear.weight.detach())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            from kernels.nf4 import nf4_linear
+
+            return nf4_linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight.dequantize(x.dtype), self.bias)
+
+
+def quantize_frozen_linears(model: nn.Module, kernels: str = "torch") -> int:
+    """QLoRA: every linear layer of `model` (the LLM's blocks) gets an NF4 base weight."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, LoRALinear):
+            if not hasattr(module.weight, "packed"):
+                module.quantize_()
+                count += 1
+            continue  # its lora_A / lora_B stay trainable full-precision linears
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, NF4Linear(child, kernels))
+                count += 1
+    return count
 
 
 def make_linear_factory(cfg: LoRAConfig | None, kernels: str = "torch") -> LinearFactory:
