@@ -128,3 +128,23 @@ def test_qlora_through_lora_linear():
     ref.backward(g)
     for ours, theirs in ((x, xd), (a, ad), (b, bd)):
         assert rel(ours.grad, theirs.grad) < 1e-5
+
+
+def test_linear4bit_state_dicts_both_ways():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    theirs = bnb.nn.Linear4bit(70, 48, bias=True, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    theirs = theirs.to("cpu")  # bitsandbytes quantizes on the move to a device
+    sd = theirs.state_dict()
+    q = NF4Weight.from_bnb_state_dict(sd, "weight")
+    assert torch.equal(dequantize_nf4(q), bnb_f.dequantize_4bit(theirs.weight, theirs.weight.quant_state))
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(nf4_linear(x, q, sd["bias"]), theirs(x), rtol=1e-5, atol=1e-5)
+
+    ours = quantize_nf4(torch.randn(48, 70))
+    state = ours.to_bnb_state_dict("weight")
+    # bitsandbytes loads pre-quantized weights through Params4bit.from_prequantized (as transformers does).
+    stats = {k[len("weight."):]: v for k, v in state.items() if k.startswith("weight.")}
+    target = bnb.nn.Linear4bit(70, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    target.weight = bnb.nn.Params4bit.from_prequantized(data=state["weight"], quantized_stats=stats, requires_grad=False, device="cpu")
+    torch.testing.assert_close(target(x), x @ dequantize_nf4(ours).T, rtol=1e-5, atol=1e-5)
