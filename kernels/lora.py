@@ -35,7 +35,8 @@ Dtypes
 QLoRA
   When `weight` is a `kernels.nf4.NF4Weight`, the base GEMMs are `kernels.nf4.nf4_matmul` (with
   the LoRA term fused in its epilogue) and `nf4_matmul_t`; the LoRA part of dX is then added in
-  place by `_lora_matmul_kernel` with an empty K loop.
+  place by `_lora_matmul_kernel` with an empty K loop. The NF4Weight's tensors and layout are
+  passed to their own pair of custom ops, so QLoRA also compiles with fullgraph=True.
 """
 
 from __future__ import annotations
@@ -596,6 +597,88 @@ def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx):
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+# QLoRA: an NF4Weight is not a tensor, so its tensors and layout travel as separate op arguments.
+
+
+def _nf4_tensors(q: Any) -> tuple[torch.Tensor | None, ...]:
+    return q.packed, q.absmax, q.offset, q.nested_absmax, q.nested_code
+
+
+def _nf4_layout(q: Any) -> tuple[list[int], int, int, torch.dtype]:
+    return list(q.shape), q.blocksize, q.nested_blocksize, q.dtype
+
+
+def _nf4_rebuild(
+    tensors: tuple[torch.Tensor | None, ...], shape: list[int], blocksize: int, nested_blocksize: int, dtype: torch.dtype
+) -> Any:
+    from kernels.nf4 import NF4Weight
+
+    packed, absmax, offset, nested_absmax, nested_code = tensors
+    return NF4Weight(packed, absmax, tuple(shape), dtype, blocksize, offset, nested_absmax, nested_code, nested_blocksize)
+
+
+@torch.library.custom_op("pefomed::qlora_linear_forward", mutates_args=())
+def _qlora_forward_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    weight_dtype: torch.dtype,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _nf4_rebuild((packed, absmax, offset, nested_absmax, nested_code), shape, blocksize, nested_blocksize, weight_dtype)
+    return lora_forward(x, q, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+@_qlora_forward_op.register_fake
+def _(x, packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, weight_dtype,
+      lora_A, lora_B, bias, seed, scaling, dropout_p):  # fmt: skip
+    return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pefomed::qlora_linear_backward", mutates_args=())
+def _qlora_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    weight_dtype: torch.dtype,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    seed: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = _nf4_rebuild((packed, absmax, offset, nested_absmax, nested_code), shape, blocksize, nested_blocksize, weight_dtype)
+    dx, d_a, d_b = lora_backward(dy, x, q, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
+    return (dx if dx is not None else x.new_empty(0)), d_a, d_b
+
+
+@_qlora_backward_op.register_fake
+def _(dy, x, packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, weight_dtype,
+      lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx):  # fmt: skip
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
 # --- autograd ---------------------------------------------------------------------------------
 
 
@@ -616,14 +699,17 @@ class LoRALinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         if _is_nf4(weight):
-            # An NF4Weight is not a tensor, so it cannot pass through the custom op.
-            y, xa = lora_forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-            ctx.nf4_weight = weight
-            ctx.save_for_backward(x2d, lora_A, lora_B, xa, seed)
+            ctx.nf4_layout = _nf4_layout(weight)
+            weight_tensors = _nf4_tensors(weight)
+            y, xa = torch.ops.pefomed.qlora_linear_forward(
+                x2d, *weight_tensors, *ctx.nf4_layout, lora_A, lora_B, bias, seed, scaling, dropout_p
+            )
         else:
+            ctx.nf4_layout = None
+            weight_tensors = (weight,)
             y, xa = torch.ops.pefomed.lora_linear_forward(x2d, weight, lora_A, lora_B, bias, seed, scaling, dropout_p)
-            ctx.nf4_weight = None
-            ctx.save_for_backward(x2d, lora_A, lora_B, xa, seed, weight)
+        # The weight is saved by reference (no copy, no cast); xa is M x r floats.
+        ctx.save_for_backward(x2d, lora_A, lora_B, xa, seed, *weight_tensors)
         ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -632,15 +718,14 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_dx, _, _, _, need_dbias = ctx.needs_input_grad[:5]
         dy2d = dy.reshape(-1, dy.shape[-1])
-        if ctx.nf4_weight is not None:
-            x2d, lora_A, lora_B, xa, seed = ctx.saved_tensors
-            dx, d_a, d_b = lora_backward(
-                dy2d, x2d, ctx.nf4_weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_dx
+        x2d, lora_A, lora_B, xa, seed, *weight_tensors = ctx.saved_tensors
+        if ctx.nf4_layout is not None:
+            dx, d_a, d_b = torch.ops.pefomed.qlora_linear_backward(
+                dy2d, x2d, *weight_tensors, *ctx.nf4_layout, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
             )
         else:
-            x2d, lora_A, lora_B, xa, seed, weight = ctx.saved_tensors
             dx, d_a, d_b = torch.ops.pefomed.lora_linear_backward(
-                dy2d, x2d, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
+                dy2d, x2d, weight_tensors[0], lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
             )
         dx = dx.reshape(ctx.x_shape) if need_dx else None
         d_bias = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_dbias else None
