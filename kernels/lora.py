@@ -420,11 +420,9 @@ def _check_inputs(
         raise ValueError(f"kernels.lora: bias has shape {list(bias.shape)}, expected [{out_features}]")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"kernels.lora: dropout_p must be in [0, 1), got {dropout_p}")
-    tensors = [x, lora_A, lora_B] + ([bias] if bias is not None else [])
-    if not _is_nf4(weight):
-        tensors.append(weight)
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"kernels.lora: tensors on different devices {sorted({str(t.device) for t in tensors})}")
+    devices = {t.device for t in (x, lora_A, lora_B, bias, weight) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"kernels.lora: x, weight, lora_A, lora_B and bias are on different devices {sorted(map(str, devices))}")
     _check_device(x.device)
 
 
