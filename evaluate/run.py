@@ -28,6 +28,7 @@ from engine.data.images import ImageLoadError, load_image
 from engine.session import build_dataset, fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
 from evaluate.answers import extract_answer
 from evaluate.exact_match import vqa_accuracy
+from evaluate.score import score_predictions, write_charts, write_report
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -135,10 +136,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, split: str = "te
     with (out / "predictions.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    metrics = vqa_accuracy([r for r in records if r["task"] == "vqa"])
-    metrics["n_errors"] = sum(1 for r in records if "error" in r)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    scored = score_predictions([r for r in records if r["task"] == "vqa"])
+    scored["n_errors"] = sum(1 for r in records if "error" in r)
+    (out / "metrics.json").write_text(json.dumps(scored, indent=2))
+    write_report(scored, out)
+    write_charts(scored, out)
+    return {**scored["pefomed_exact_match"], "n_errors": scored["n_errors"]}
 
 
 def majority_baseline(train_samples, test_samples) -> dict:

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from engine.batches import MicroBatches
 from engine.config import OptimConfig

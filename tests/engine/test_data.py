@@ -5,10 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.data import synthetic
-from engine.data.collate import VLMDataset, collate, encode_prompt, generation_batch
+from engine.data.collate import VLMDataset, collate, generation_batch
 from engine.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, dicom_to_uint8, load_image
 from engine.data.prompts import build_prompt
 from engine.data.readers import DataError, read_dataset

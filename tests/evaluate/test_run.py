@@ -31,7 +31,9 @@ def test_predictions_and_metrics_written(trained, tmp_path):
     assert len(lines) == 18 == metrics["n"]
     record = json.loads(lines[0])
     assert {"question", "answer", "prediction", "reply", "answer_type"} <= record.keys()
-    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 18
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["pefomed_exact_match"]["n"] == 18 and "med_idefics" in saved
+    assert (tmp_path / "report.md").exists()
 
 
 def test_batched_generation_equals_one_by_one(trained):

@@ -1,0 +1,129 @@
+"""Score predictions in every paper's own way, side by side (no model needed).
+
+    python -m evaluate.score --predictions preds.jsonl --out DIR [--llava-med-compat]
+
+Each line of the predictions file (as `evaluate.run` writes it) holds `question`, `answer`
+(the reference), `prediction`, `answer_type` (CLOSED / OPEN) and metadata (`question_type`,
+`organ`, `modality`). Reported:
+- PeFoMed: VQA-normalized exact match, CLOSED / OPEN / overall, and per question type, organ and
+  modality (`evaluate/exact_match.py`);
+- LLaVA-Med: open token recall and closed yes/no accuracy, with its counting bug fixed unless
+  `--llava-med-compat` (`evaluate/llava_med.py`);
+- Med-Idefics: containment exact match, token F1, BLEU-1 (`evaluate/med_idefics.py`).
+Writes `metrics.json`, `report.md` and PNG bar charts per answer type and per modality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from evaluate.exact_match import vqa_accuracy
+from evaluate.llava_med import llava_med_scores
+from evaluate.med_idefics import med_idefics_scores
+
+REQUIRED = ("answer", "prediction")
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: predictions file not found")
+    items = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
+        missing = [k for k in REQUIRED if k not in item]
+        if missing:
+            raise ValueError(f"{path}: line {line_no} has no field {missing[0]!r}")
+        items.append(item)
+    return items
+
+
+def score_predictions(items: list[dict], llava_med_compat: bool = False) -> dict:
+    return {
+        "pefomed_exact_match": vqa_accuracy(items),
+        "llava_med": llava_med_scores(items, compat=llava_med_compat),
+        "med_idefics": med_idefics_scores(items),
+    }
+
+
+def _fmt(value) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
+
+
+def write_report(metrics: dict, out: Path) -> None:
+    pe, lm, mi = metrics["pefomed_exact_match"], metrics["llava_med"], metrics["med_idefics"]
+    lines = [
+        "# VQA scores", "",
+        f"{pe['n']} items ({pe['n_closed']} closed, {pe['n_open']} open).", "",
+        "| scorer | closed | open | overall |", "|---|---|---|---|",
+        f"| PeFoMed exact match (VQA normalization) | {_fmt(pe['closed'])} | {_fmt(pe['open'])} | {_fmt(pe['overall'])} |",
+        f"| LLaVA-Med (closed yes/no acc., open recall) | {_fmt(lm['closed_accuracy'])} | {_fmt(lm['open_recall'])} | |",
+        f"| Med-Idefics containment EM | | | {_fmt(mi['containment_em'])} |",
+        f"| Med-Idefics token F1 | | | {_fmt(mi['token_f1'])} |",
+        f"| Med-Idefics BLEU-1 | | | {_fmt(mi['bleu1'])} |", "",
+        ("LLaVA-Med compat mode: wrong yes/no answers are dropped from the closed denominator, as in "
+         "their published script." if lm["compat"] else
+         "LLaVA-Med closed accuracy counts wrong yes/no answers as 0 (their script drops them; "
+         "`--llava-med-compat` reproduces that)."), "",
+    ]
+    for field in ("question_type", "organ", "modality"):
+        groups = pe.get(f"by_{field}")
+        if groups:
+            lines += [f"## By {field}", "", "| value | n | exact match |", "|---|---|---|"]
+            lines += [f"| {k} | {v['n']} | {_fmt(v['accuracy'])} |" for k, v in groups.items()] + [""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def write_charts(metrics: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pe = metrics["pefomed_exact_match"]
+    charts = {"answer_type": {"CLOSED": pe["closed"], "OPEN": pe["open"], "overall": pe["overall"]}}
+    if pe.get("by_modality"):
+        charts["modality"] = {k: v["accuracy"] for k, v in pe["by_modality"].items()}
+    paths = []
+    for name, values in charts.items():
+        fig, ax = plt.subplots(figsize=(4 + 0.4 * len(values), 3))
+        ax.bar(list(values), [0 if math.isnan(v) else v for v in values.values()], color="#4c72b0")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("exact match")
+        ax.set_title(f"accuracy by {name}")
+        fig.tight_layout()
+        path = out / f"accuracy_by_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Score VQA predictions as PeFoMed, LLaVA-Med and Med-Idefics do")
+    parser.add_argument("--predictions", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--llava-med-compat", action="store_true")
+    args = parser.parse_args(argv)
+    items = read_predictions(args.predictions)
+    metrics = score_predictions(items, args.llava_med_compat)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(metrics, out)
+    write_charts(metrics, out)
+    pe = metrics["pefomed_exact_match"]
+    print(f"closed {_fmt(pe['closed'])}  open {_fmt(pe['open'])}  overall {_fmt(pe['overall'])}  -> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
