@@ -277,7 +277,7 @@ def _dropout_active(dropout_p: float, seed: torch.Tensor | None) -> bool:
     return dropout_p > 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -360,14 +360,14 @@ def _matmul_lora(
         left.stride(0) if has_lora else 0, left.stride(1) if has_lora else 0, stride_rr, stride_rn,
         lora_scale, dropout_p,
     )  # fmt: skip
-    flags = dict(
-        HAS_BIAS=bias is not None,
-        HAS_LORA=has_lora,
-        DROPOUT=dropout,
-        ACCUMULATE=accumulate,
-        R_PAD=_rank_pad(r),
-        PRECISION=_dot_precision(out.dtype),
-    )
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_LORA": has_lora,
+        "DROPOUT": dropout,
+        "ACCUMULATE": accumulate,
+        "R_PAD": _rank_pad(r),
+        "PRECISION": _dot_precision(out.dtype),
+    }
     if accumulate:
         # Not autotuned: a tuning run would add into `out` once per timed launch.
         grid = (triton.cdiv(m, _ACCUMULATE_BLOCKS["BLOCK_M"]) * triton.cdiv(n, _ACCUMULATE_BLOCKS["BLOCK_N"]),)

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import kernels.lora as lora_mod
-from kernels.lora import dropout_mask, lora_backward, lora_forward, lora_linear, lora_linear_reference
+from kernels.lora import (
+    dropout_mask,
+    lora_backward,
+    lora_forward,
+    lora_linear,
+    lora_linear_reference,
+)
 
 # Relative error bounds vs float64: fp32 dots accumulate in fp32; fp16/bf16 round x, W, xa and y.
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -113,7 +119,7 @@ def test_ranks_are_padded_with_masks(r):
 
 
 def test_strided_x_and_transposed_weight_are_read_in_place():
-    x_big, weight_t, lora_a, lora_b, b = _inputs((21, 90), 34, 8, torch.float32)
+    x_big, _, lora_a, lora_b, b = _inputs((21, 90), 34, 8, torch.float32)
     x = x_big.detach()[:, ::2].requires_grad_()  # non-contiguous rows and columns
     weight = (torch.randn(45, 34, device=x.device) / 7).t()  # [out, in] with strides (1, out)
     y = lora_linear(x, weight, lora_a[:, :45].detach().requires_grad_(), lora_b, 2.0, b, 0.3, seed=9)
@@ -254,6 +260,8 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear(x.double(), weight.double(), lora_a, lora_b, 1.0)
     with pytest.raises(ValueError, match="lora_A"):
         lora_linear(x, weight, lora_a[:, :20], lora_b, 1.0)
+    with pytest.raises(ValueError, match="bias has shape"):
+        lora_linear(x, weight, lora_a, lora_b, 1.0, b[:5])
     with pytest.raises(ValueError, match="dropout_p"):
         lora_linear(x, weight, lora_a, lora_b, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="requires_grad_"):
