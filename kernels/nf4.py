@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import dot_acc
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 NF4_CODE = torch.tensor([
@@ -236,10 +238,7 @@ def _nf4_matmul_kernel(x, packed, absmax, code, bias, xa, lora_b, out, M, N, K, 
         a = tl.load(x + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         w = _nf4_tile(packed, absmax, code, cols, ks, K, N, BLOCKSIZE)  # [BN, BK]
         w = w.to(x.dtype.element_ty).to(tl.float32)  # the weight as bitsandbytes hands it to F.linear
-        if IEEE:
-            acc += tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(a.to(tl.float32), tl.trans(w))
+        acc = dot_acc(acc, a.to(tl.float32), tl.trans(w), IEEE)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -265,10 +264,7 @@ def _nf4_matmul_t_kernel(dy, packed, absmax, code, out, M, N, K, stride_dm, stri
         g = tl.load(dy + rows[:, None] * stride_dm + ns[None, :], mask=(rows[:, None] < M) & (ns[None, :] < N), other=0.0)
         w = _nf4_tile(packed, absmax, code, ns, ks, K, N, BLOCKSIZE)  # [BN, BK]
         w = w.to(dy.dtype.element_ty).to(tl.float32)
-        if IEEE:
-            acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(g.to(tl.float32), w)
+        acc = dot_acc(acc, g.to(tl.float32), w, IEEE)
     tl.store(out + rows[:, None] * stride_om + ks[None, :], acc.to(out.dtype.element_ty),
              mask=(rows[:, None] < M) & (ks[None, :] < K))
 

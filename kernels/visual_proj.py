@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import dot_acc
 from kernels.reference import grouped_projection_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,10 +64,7 @@ def _forward_kernel(feats, weight, bias, out, row_index, R, N, K, n_groups, D, s
         a = tl.load(feats + a_off, mask=(rows[:, None] < R) & (ks[None, :] < K), other=0.0).to(tl.float32)
         w = tl.load(weight + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0).to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+        acc = dot_acc(acc, a, w, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_INDEX:
@@ -93,10 +91,7 @@ def _grad_weight_kernel(feats, dy, dw, R, N, K, n_groups, D, side, stride_b, str
         a = tl.load(feats + a_off, mask=(rows[:, None] < R) & (ks[None, :] < K), other=0.0).to(tl.float32)
         g = tl.load(dy + rows[:, None] * stride_dym + cols[None, :],
                     mask=(rows[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
-        if IEEE:
-            acc += tl.dot(tl.trans(g), a, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(g), a)
+        acc = dot_acc(acc, tl.trans(g), a, IEEE)
     tl.store(dw + cols[:, None] * K + ks[None, :], acc, mask=(cols[:, None] < N) & (ks[None, :] < K))
 
 
@@ -116,10 +111,7 @@ def _grad_feats_kernel(dy, weight, dfeats, R, N, K, n_groups, D, side, stride_b,
                     mask=(rows[:, None] < R) & (cols[None, :] < N), other=0.0).to(tl.float32)
         w = tl.load(weight + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        if IEEE:
-            acc += tl.dot(g, w, input_precision="ieee")
-        else:
-            acc += tl.dot(g, w)
+        acc = dot_acc(acc, g, w, IEEE)
     off = _token_offsets(rows, ks, n_groups, D, side, stride_b, stride_t, stride_d, cls_offset, GROUP, SPATIAL)
     tl.store(dfeats + off, acc.to(dfeats.dtype.element_ty), mask=(rows[:, None] < R) & (ks[None, :] < K))
 
