@@ -9,7 +9,9 @@ Each line of the predictions file (as `evaluate.run` writes it) holds `question`
   modality (`evaluate/exact_match.py`);
 - LLaVA-Med: open token recall and closed yes/no accuracy, with its counting bug fixed unless
   `--llava-med-compat` (`evaluate/llava_med.py`);
-- Med-Idefics: containment exact match, token F1, BLEU-1 (`evaluate/med_idefics.py`).
+- Med-Idefics: containment exact match, token F1, BLEU-1 (`evaluate/med_idefics.py`);
+- for items with `task: report`, pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr
+  (`evaluate/report_metrics.py`).
 Writes `metrics.json`, `report.md` and PNG bar charts per answer type and per modality.
 """
 
@@ -47,11 +49,22 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def score_predictions(items: list[dict], llava_med_compat: bool = False) -> dict:
-    return {
-        "pefomed_exact_match": vqa_accuracy(items),
-        "llava_med": llava_med_scores(items, compat=llava_med_compat),
-        "med_idefics": med_idefics_scores(items),
-    }
+    """VQA items get the three papers' VQA scores; `task: report` items the report metrics."""
+    reports = [it for it in items if it.get("task") == "report"]
+    vqa = [it for it in items if it.get("task") != "report"]
+    metrics = {}
+    if vqa:
+        metrics.update({
+            "pefomed_exact_match": vqa_accuracy(vqa),
+            "llava_med": llava_med_scores(vqa, compat=llava_med_compat),
+            "med_idefics": med_idefics_scores(vqa),
+        })
+    if reports:
+        from evaluate.report_metrics import report_metrics
+
+        refs = [it["answer"] if isinstance(it["answer"], list) else [it["answer"]] for it in reports]
+        metrics["report_metrics"] = report_metrics([it["prediction"] for it in reports], refs)
+    return metrics
 
 
 def _fmt(value) -> str:
@@ -59,6 +72,19 @@ def _fmt(value) -> str:
 
 
 def write_report(metrics: dict, out: Path) -> None:
+    lines = _vqa_lines(metrics) if "pefomed_exact_match" in metrics else []
+    if "report_metrics" in metrics:
+        rep = metrics["report_metrics"]
+        names = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"]
+        lines += ["# Report metrics (pycocoevalcap)", "", f"{rep['n']} reports, tokenizer: {rep['tokenizer']}.", "",
+                  "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+                  "| " + " | ".join("failed" if rep[k] is None else f"{rep[k]:.4f}" for k in names) + " |", ""]
+        if rep.get("meteor_error"):
+            lines += [rep["meteor_error"], ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _vqa_lines(metrics: dict) -> list[str]:
     pe, lm, mi = metrics["pefomed_exact_match"], metrics["llava_med"], metrics["med_idefics"]
     lines = [
         "# VQA scores", "",
@@ -79,7 +105,7 @@ def write_report(metrics: dict, out: Path) -> None:
         if groups:
             lines += [f"## By {field}", "", "| value | n | exact match |", "|---|---|---|"]
             lines += [f"| {k} | {v['n']} | {_fmt(v['accuracy'])} |" for k, v in groups.items()] + [""]
-    (out / "report.md").write_text("\n".join(lines))
+    return lines
 
 
 def write_charts(metrics: dict, out: Path) -> list[Path]:
@@ -88,6 +114,8 @@ def write_charts(metrics: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "pefomed_exact_match" not in metrics:
+        return []
     pe = metrics["pefomed_exact_match"]
     charts = {"answer_type": {"CLOSED": pe["closed"], "OPEN": pe["open"], "overall": pe["overall"]}}
     if pe.get("by_modality"):
@@ -120,8 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out)
     write_charts(metrics, out)
-    pe = metrics["pefomed_exact_match"]
-    print(f"closed {_fmt(pe['closed'])}  open {_fmt(pe['open'])}  overall {_fmt(pe['overall'])}  -> {out}")
+    if "pefomed_exact_match" in metrics:
+        pe = metrics["pefomed_exact_match"]
+        print(f"closed {_fmt(pe['closed'])}  open {_fmt(pe['open'])}  overall {_fmt(pe['overall'])}")
+    if "report_metrics" in metrics:
+        rep = metrics["report_metrics"]
+        print("reports: " + "  ".join(f"{k} {rep[k]:.4f}" for k in ("bleu1", "bleu4", "rouge_l", "cider") ))
+    print(f"-> {out}")
     return metrics
 
 

@@ -43,3 +43,12 @@ def test_bad_predictions_file(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         read_predictions(bad)
+
+
+def test_report_items_get_report_metrics(tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    rows = ITEMS + [{"answer": "no acute process.", "prediction": "no acute process.", "task": "report"}]
+    preds.write_text("".join(json.dumps(it) + "\n" for it in rows))
+    metrics = main(["--predictions", str(preds), "--out", str(tmp_path / "out")])
+    assert metrics["report_metrics"]["n"] == 1 and metrics["pefomed_exact_match"]["n"] == 4
+    assert "Report metrics" in (tmp_path / "out" / "report.md").read_text()
