@@ -81,7 +81,27 @@ def write_report(metrics: dict, out: Path) -> None:
                   "| " + " | ".join("failed" if rep[k] is None else f"{rep[k]:.4f}" for k in names) + " |", ""]
         if rep.get("meteor_error"):
             lines += [rep["meteor_error"], ""]
+    if "judge" in metrics:
+        lines += _judge_lines(metrics["judge"])
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _judge_lines(judge: dict) -> list[str]:
+    lines = [f"# GPT judge ({judge['model']})", ""]
+    if "vqa" in judge:
+        v = judge["vqa"]
+        lines += [f"VQA judge accuracy {_fmt(v['judge_accuracy'])} over {v['n_scored']} items "
+                  f"({v['n_unparseable']} unparseable replies, not scored).", ""]
+        t = v.get("agreement_with_exact_match")
+        if t:
+            lines += ["| | exact match 1 | exact match 0 |", "|---|---|---|",
+                      f"| judge 1 | {t['judge1_em1']} | {t['judge1_em0']} |", f"| judge 0 | {t['judge0_em1']} | {t['judge0_em0']} |", ""]
+    if "report" in judge:
+        r = judge["report"]
+        lines += [f"Report rubric: mean {_fmt(r['mean_score'])} of 4, WASM {_fmt(r['wasm'])}, histogram {r['histogram']}.", ""]
+    tok = judge["tokens"]
+    lines += [f"Tokens spent: {tok['prompt']} prompt + {tok['completion']} completion in {tok['requests']} requests.", ""]
+    return lines
 
 
 def _vqa_lines(metrics: dict) -> list[str]:
@@ -135,14 +155,42 @@ def write_charts(metrics: dict, out: Path) -> list[Path]:
     return paths
 
 
+def run_judge(items: list[dict], config_path: str | None) -> dict:
+    from evaluate.exact_match import exact_match
+    from evaluate.judge import Judge, JudgeConfig, summarize
+
+    cfg = JudgeConfig()
+    if config_path:
+        import yaml
+
+        from engine.config import from_dict
+
+        cfg = from_dict(JudgeConfig, yaml.safe_load(Path(config_path).read_text()) or {}, source=config_path)
+    judge = Judge(cfg)
+    out = {"model": cfg.model}
+    vqa = [it for it in items if it.get("task") != "report"]
+    reports = [it for it in items if it.get("task") == "report"]
+    if vqa:
+        exact = [exact_match(it["prediction"], it["answer"]) for it in vqa]
+        out["vqa"] = summarize("vqa", vqa, judge.judge_all("vqa", vqa), exact)
+    if reports:
+        out["report"] = summarize("report", reports, judge.judge_all("report", reports))
+    out["tokens"] = {"prompt": judge.prompt_tokens, "completion": judge.completion_tokens, "requests": judge.requests}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Score VQA predictions as PeFoMed, LLaVA-Med and Med-Idefics do")
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--llava-med-compat", action="store_true")
+    parser.add_argument("--judge", action="store_true", help="also ask the GPT judge (evaluate/judge.py)")
+    parser.add_argument("--judge-config", help="YAML with JudgeConfig fields: model, base_url, concurrency, ...")
     args = parser.parse_args(argv)
     items = read_predictions(args.predictions)
     metrics = score_predictions(items, args.llava_med_compat)
+    if args.judge:
+        metrics["judge"] = run_judge(items, args.judge_config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
