@@ -53,8 +53,10 @@ def normalize_answer(text: str) -> str:
     return process_digits_and_articles(process_punctuation(text))
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
+def exact_match(prediction: str, reference: str | list[str]) -> bool:
+    """Strict equality after normalization; with several references, any of them."""
+    references = reference if isinstance(reference, list) else [reference]
+    return any(normalize_answer(prediction) == normalize_answer(r) for r in references)
 
 
 def vqa_accuracy(items: list[dict], breakdowns: tuple[str, ...] = ("question_type", "organ", "modality")) -> dict:

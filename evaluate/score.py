@@ -29,7 +29,9 @@ from evaluate.med_idefics import med_idefics_scores
 REQUIRED = ("answer", "prediction")
 
 
-def read_predictions(path: str | Path) -> list[dict]:
+def read_predictions(path: str | Path, references: str | Path | None = None) -> list[dict]:
+    """Predictions (JSON lines); `references` (qid -> answer or list) fills in missing answers."""
+    refs = json.loads(Path(references).read_text()) if references else {}
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: predictions file not found")
@@ -41,6 +43,8 @@ def read_predictions(path: str | Path) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
+        if "answer" not in item and str(item.get("qid")) in refs:
+            item["answer"] = refs[str(item["qid"])]
         missing = [k for k in REQUIRED if k not in item]
         if missing:
             raise ValueError(f"{path}: line {line_no} has no field {missing[0]!r}")
@@ -54,10 +58,12 @@ def score_predictions(items: list[dict], llava_med_compat: bool = False) -> dict
     vqa = [it for it in items if it.get("task") != "report"]
     metrics = {}
     if vqa:
+        # LLaVA-Med's and Med-Idefics' scorers take one reference: the first when there are several.
+        first = [{**it, "answer": it["answer"][0]} if isinstance(it["answer"], list) else it for it in vqa]
         metrics.update({
             "pefomed_exact_match": vqa_accuracy(vqa),
-            "llava_med": llava_med_scores(vqa, compat=llava_med_compat),
-            "med_idefics": med_idefics_scores(vqa),
+            "llava_med": llava_med_scores(first, compat=llava_med_compat),
+            "med_idefics": med_idefics_scores(first),
         })
     if reports:
         from evaluate.report_metrics import report_metrics
@@ -183,11 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Score VQA predictions as PeFoMed, LLaVA-Med and Med-Idefics do")
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--references", help="JSON mapping qid -> reference answer(s), for predictions without answers")
     parser.add_argument("--llava-med-compat", action="store_true")
     parser.add_argument("--judge", action="store_true", help="also ask the GPT judge (evaluate/judge.py)")
     parser.add_argument("--judge-config", help="YAML with JudgeConfig fields: model, base_url, concurrency, ...")
     args = parser.parse_args(argv)
-    items = read_predictions(args.predictions)
+    items = read_predictions(args.predictions, args.references)
     metrics = score_predictions(items, args.llava_med_compat)
     if args.judge:
         metrics["judge"] = run_judge(items, args.judge_config)

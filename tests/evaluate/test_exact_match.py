@@ -39,3 +39,9 @@ def test_accuracy_breakdown():
     m = vqa_accuracy(items)
     assert m["closed"] == 0.5 and m["open"] == 1.0 and m["overall"] == pytest.approx(2 / 3)
     assert m["by_organ"]["CHEST"] == {"n": 2, "accuracy": 0.5}
+
+
+def test_several_references():
+    from evaluate.exact_match import exact_match
+
+    assert exact_match("Right.", ["left", "the right"]) and not exact_match("up", ["left", "right"])

@@ -78,6 +78,12 @@ def test_ask_png_and_dicom(trained, capsys):
     png = next((root / "data" / "images").glob("*.png"))
     assert main(["--checkpoint", str(root / "run"), "--image", str(png), "--question", "how many lesions are there?"]) == 0
     assert capsys.readouterr().out.strip() != ""
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    Image.open(png).convert("RGB").save(jpg, quality=95)
+    assert main(["--checkpoint", str(root / "run"), "--image", str(jpg), "--question", "what organ is shown in this image?"]) == 0
+    assert capsys.readouterr().out.strip() != ""
     dcm = pydicom.data.get_testdata_file("CT_small.dcm")
     assert main(["--checkpoint", str(root / "run"), "--image", dcm, "--report", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""

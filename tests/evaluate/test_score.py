@@ -52,3 +52,12 @@ def test_report_items_get_report_metrics(tmp_path):
     metrics = main(["--predictions", str(preds), "--out", str(tmp_path / "out")])
     assert metrics["report_metrics"]["n"] == 1 and metrics["pefomed_exact_match"]["n"] == 4
     assert "Report metrics" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_references_file_fills_answers(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"qid": 7, "prediction": "yes", "answer_type": "CLOSED"}) + "\n")
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"7": "yes"}))
+    metrics = main(["--predictions", str(preds), "--references", str(refs), "--out", str(tmp_path / "o")])
+    assert metrics["pefomed_exact_match"]["closed"] == 1.0
