@@ -5,13 +5,15 @@ prediction contains "yes" or "no" *and* the reference; when it contains "yes" or
 the reference (a wrong yes/no answer) it appends nothing, so wrong answers drop out of the
 denominator and closed accuracy is inflated. Our default counts them as 0;
 `compat=True` reproduces the published behaviour for comparison with their tables.
-Open recall is the share of the reference's tokens (lower-cased, punctuation removed) found in
-the prediction.
+Open recall follows their `calculate_f1score`: over lower-cased word counts, tp adds the
+prediction's count of every word shared with the reference, fn the reference's count of every
+word the prediction lacks, and recall = tp / (tp + fn).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -21,10 +23,12 @@ def _tokens(text: str) -> list[str]:
 
 
 def open_recall(prediction: str, answer: str) -> float:
-    ref = set(_tokens(answer))
-    if not ref:
+    cand, ref = Counter(_tokens(prediction)), Counter(_tokens(answer))
+    if not cand or not ref:
         return 0.0
-    return len(ref & set(_tokens(prediction))) / len(ref)
+    tp = sum(count for word, count in cand.items() if word in ref)
+    fn = sum(count for word, count in ref.items() if word not in cand)
+    return tp / (tp + fn) if tp else 0.0
 
 
 def closed_hit(prediction: str, answer: str, compat: bool = False) -> float | None:

@@ -20,6 +20,7 @@ def test_llava_med_fix_and_compat():
     assert compat["closed_accuracy"] == pytest.approx(1 / 2)  # their script drops it
     assert compat["n_closed_counted"] == 2 and fixed["n_closed_counted"] == 3
     assert open_recall("the left side", "left lung") == 0.5
+    assert open_recall("left left", "left lung") == pytest.approx(2 / 3)  # tp counts the prediction's repeats
     assert closed_hit("no", "yes", compat=True) is None and closed_hit("no", "yes") == 0.0
 
 
