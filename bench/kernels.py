@@ -1,13 +1,25 @@
 """Kernel benchmarks against the baselines a user would otherwise run, side by side in one process.
 
     python -m bench.kernels [--only lora,nf4,proj] [--out bench/results/kernels-<device>-<date>.json]
-    python -m bench.kernels --smoke     # tiny shapes on CPU: proves the harness runs, no timings claimed
+    python -m bench.kernels --smoke [--out k.json]   # tiny shapes on CPU: proves the harness runs
 
-For each case it prints and writes the median (p20, p80) time from `triton.testing.do_bench`
-(quantiles 0.5, 0.2, 0.8), the achieved TFLOP/s and GB/s, their share of the ceilings measured
-in the same run (a large bf16 `torch.mm`, a large device-to-device copy), the peak memory of
-one forward + backward, and the ratio to its baseline. The targets of issue 3 are printed as
-PASS / MISS next to the ratios; nothing here asserts.
+Every case records the median, p20 and p80 time (`triton.testing.do_bench`, quantiles
+[0.5, 0.2, 0.8]; on the CPU smoke run `time.perf_counter`), the achieved TFLOP/s and GB/s and
+their share of the ceilings measured in the same run (a large bf16 `torch.mm` for FLOP/s, a large
+device-to-device copy for bandwidth), the peak memory of one call (`torch.cuda.max_memory_allocated`,
+absolute and above what was allocated before), and the ratio to its baseline:
+
+- lora: `kernels.lora.lora_linear` (r 8/16/64, dropout 0.05) fwd+bwd vs the frozen base
+  `F.linear` fwd+bwd (dX only) and vs PEFT's `peft.tuners.lora.Linear` fwd+bwd (dX, dA, dB);
+  hidden 4096 -> 4096 / 11008 / 14336, M = 1 ... 8192.
+- nf4: `kernels.nf4.dequantize_nf4` vs `bitsandbytes.functional.dequantize_4bit` (a row that says
+  "bitsandbytes unavailable" when it does not import with CUDA); `nf4_linear` vs bf16 `F.linear`.
+- proj: `kernels.visual_proj.grouped_projection` placing EVA-g tokens (B x 1025 x 1408 ->
+  B*256 x 5632 -> 4096) into a text sequence vs the eager `view + F.linear + torch.cat`, and vs
+  a bare GEMM of the same size on pre-grouped contiguous input; forward, and fwd+bwd (dW, db).
+
+The targets are printed as PASS / MISS (or "not measured" when their case did not run); nothing
+here asserts. The JSON holds the device name, torch/triton versions, date and exact command.
 """
 
 from __future__ import annotations
@@ -15,20 +27,33 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import shlex
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-LLM_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336)]
+LLM_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336)]  # (in, out)
 M_VALUES = [1, 16, 64, 512, 4096, 8192]
 RANKS = [8, 16, 64]
+PROJ_BATCHES = [1, 4, 16]
+EVA_G = {"tokens": 1025, "width": 1408, "out_dim": 4096, "text": 128}
+LORA_DROPOUT = 0.05
+SUITES = ("lora", "nf4", "proj")
+
+Timer = Callable[[Callable[[], object]], tuple[float, float, float]]
 
 
-def timer(device: str) -> Callable[[Callable], tuple[float, float, float]]:
+# --- measurement -----------------------------------------------------------------------------
+
+
+def make_timer(device: str) -> Timer:
+    """(median, p20, p80) in milliseconds."""
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -39,7 +64,7 @@ def timer(device: str) -> Callable[[Callable], tuple[float, float, float]]:
         return measure
 
     def measure_cpu(fn, reps: int = 3):
-        fn()
+        fn()  # the first call pays the interpreter's and the allocator's warm-up
         times = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -51,235 +76,370 @@ def timer(device: str) -> Callable[[Callable], tuple[float, float, float]]:
     return measure_cpu
 
 
-def peak_memory(fn, device: str) -> int | None:
+def peak_memory(fn: Callable[[], object], device: str) -> dict:
+    """Peak bytes of one call: absolute, and above what was allocated before it."""
     if device != "cuda":
-        return None
+        return {"peak_bytes": None, "peak_extra_bytes": None}
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_bytes": peak, "peak_extra_bytes": peak - before}
 
 
-def ceilings(device: str, measure) -> dict:
+def measure_ceilings(device: str, measure: Timer) -> dict:
+    """The device's own bf16 GEMM FLOP/s and copy bandwidth, measured now."""
     if device != "cuda":
-        return {"tflops": None, "gbps": None}
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms, _, _ = measure(lambda: a @ a)
+        return {"tflops": None, "gbps": None, "note": "CPU smoke run: no ceilings"}
+    size = 8192
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    mm_ms, _, _ = measure(lambda: torch.mm(a, b))
     src = torch.empty(1 << 30, device=device, dtype=torch.uint8)
     dst = torch.empty_like(src)
     copy_ms, _, _ = measure(lambda: dst.copy_(src))
-    return {"tflops": 2 * 8192**3 / ms / 1e9, "gbps": 2 * src.numel() / copy_ms / 1e6}
+    return {
+        "tflops": 2 * size**3 / mm_ms / 1e9,
+        "gbps": 2 * (1 << 30) / copy_ms / 1e6,  # read + write
+        "how": f"bf16 torch.mm {size}^3; device-to-device copy of 1 GiB (read + write)",
+    }
 
 
-def row(name, shape, ms, q20, q80, flops, nbytes, peak, ceil, baseline_ms=None):
-    r = {"case": name, "shape": shape, "median_ms": ms, "p20_ms": q20, "p80_ms": q80, "peak_bytes": peak,
-         "tflops": flops / ms / 1e9 if flops else None, "gbps": nbytes / ms / 1e6 if nbytes else None}
-    if ceil["tflops"] and r["tflops"]:
-        r["pct_flop_ceiling"] = 100 * r["tflops"] / ceil["tflops"]
-    if ceil["gbps"] and r["gbps"]:
-        r["pct_bw_ceiling"] = 100 * r["gbps"] / ceil["gbps"]
-    if baseline_ms:
-        r["ratio_to_baseline"] = ms / baseline_ms
-    return r
+class Bench:
+    """Times a case, fills in its throughput and ceiling shares, and collects the rows."""
+
+    def __init__(self, device: str, measure: Timer, ceilings: dict) -> None:
+        self.device, self.measure, self.ceilings = device, measure, ceilings
+        self.rows: list[dict] = []
+
+    def case(self, suite: str, name: str, shape: Sequence[int], fn: Callable[[], object], *, flops: float = 0,
+             nbytes: float = 0, baseline: dict | None = None) -> dict:  # fmt: skip
+        ms, q20, q80 = self.measure(fn)
+        row = {"suite": suite, "case": name, "shape": list(shape), "median_ms": ms, "p20_ms": q20, "p80_ms": q80,
+               "tflops": flops / ms / 1e9 if flops else None, "gbps": nbytes / ms / 1e6 if nbytes else None,
+               **peak_memory(fn, self.device)}  # fmt: skip
+        if self.ceilings.get("tflops") and row["tflops"]:
+            row["pct_flop_ceiling"] = 100 * row["tflops"] / self.ceilings["tflops"]
+        if self.ceilings.get("gbps") and row["gbps"]:
+            row["pct_bw_ceiling"] = 100 * row["gbps"] / self.ceilings["gbps"]
+        if baseline is not None:
+            row["baseline"] = baseline["case"]
+            row["ratio_to_baseline"] = ms / baseline["median_ms"]
+        self.rows.append(row)
+        return row
+
+    def note(self, suite: str, name: str, shape: Sequence[int], note: str) -> dict:
+        row = {"suite": suite, "case": name, "shape": list(shape), "note": note}
+        self.rows.append(row)
+        return row
 
 
-def bench_lora(device, dtype, measure, ceil, shapes, ms_values, ranks) -> list[dict]:
-    from kernels.lora import lora_linear
-
-    rows = []
-    peft = _peft_linear()
-    for (k, n) in shapes:
-        w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
-        for m in ms_values:
-            x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(m, n, device=device, dtype=dtype)
-
-            def base():
-                y = F.linear(x, w)
-                y.backward(dy)
-
-            b_ms, b20, b80 = measure(base)
-            flops = 2 * m * n * k * 2
-            rows.append(row("frozen F.linear fwd+bwd(dX)", [m, k, n], b_ms, b20, b80, flops, 0, peak_memory(base, device), ceil))
-            for r in ranks:
-                a = (torch.randn(r, k, device=device, dtype=dtype) * 0.01).requires_grad_()
-                b = (torch.randn(n, r, device=device, dtype=dtype) * 0.01).requires_grad_()
-
-                def ours():
-                    y = lora_linear(x, w, a, b, 2.0, dropout_p=0.05, training=True)
-                    y.backward(dy)
-
-                ms, q20, q80 = measure(ours)
-                extra = 2 * m * r * (k + n) * 3
-                rows.append(row(f"lora_linear r={r} p=0.05 fwd+bwd", [m, k, n], ms, q20, q80, flops + extra, 0,
-                                peak_memory(ours, device), ceil, b_ms))
-                if peft is not None:
-                    layer = peft(k, n, r, w, device, dtype)
-
-                    def theirs():
-                        y = layer(x)
-                        y.backward(dy)
-
-                    p_ms, p20, p80 = measure(theirs)
-                    rows.append(row(f"PEFT lora.Linear r={r} p=0.05 fwd+bwd", [m, k, n], p_ms, p20, p80, flops + extra, 0,
-                                    peak_memory(theirs, device), ceil, b_ms))
-                    rows[-2]["speedup_vs_peft"] = p_ms / ms
-    return rows
+def grads_of(outputs: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], grad: torch.Tensor) -> Callable[[], object]:
+    """A backward that returns the grads instead of accumulating into .grad (no extra add per call)."""
+    return lambda: torch.autograd.grad(outputs(), inputs, grad)
 
 
-def _peft_linear():
+# --- suites ----------------------------------------------------------------------------------
+
+
+def _peft_layer(k: int, n: int, r: int, weight: torch.Tensor):
+    """PEFT's LoRA Linear around a frozen nn.Linear, or None when peft does not import."""
     try:
         from peft import LoraConfig
         from peft.tuners.lora import Linear as PeftLinear
     except ImportError:
         return None
+    base = torch.nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+    base.weight.requires_grad_(False)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=LORA_DROPOUT)
+    layer = PeftLinear(base, "default", config, r=r, lora_alpha=2 * r, lora_dropout=LORA_DROPOUT)
+    layer.to(device=weight.device, dtype=weight.dtype).train()
+    with torch.no_grad():  # PEFT initialises B to zero; a non-zero B is the realistic mid-training case
+        layer.lora_B["default"].weight.normal_(0, 0.01)
+    return layer
 
-    def make(k, n, r, w, device, dtype):
-        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
-        base.weight.data.copy_(w)
-        base.weight.requires_grad_(False)
-        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05)
-        layer = PeftLinear(base, "default", config, r=r, lora_alpha=2 * r, lora_dropout=0.05)
-        return layer.to(device=device, dtype=dtype)
 
-    return make
+def bench_lora(bench: Bench, dtype: torch.dtype, shapes, m_values, ranks) -> None:
+    for k, n in shapes:
+        weight = torch.randn(n, k, device=bench.device, dtype=dtype) / k**0.5
+        for m in m_values:
+            _lora_cases(bench, weight, m, ranks)
 
 
-def bench_nf4(device, dtype, measure, ceil, shapes, ms_values) -> list[dict]:
+def _lora_cases(bench: Bench, weight: torch.Tensor, m: int, ranks) -> None:
+    """The frozen base, then ours and PEFT's for each rank, on one [m, k] x [n, k] shape."""
+    from kernels.lora import lora_linear
+
+    n, k = weight.shape
+    dtype, size = weight.dtype, weight.dtype.itemsize
+    x = torch.randn(m, k, device=weight.device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=weight.device, dtype=dtype)
+    base_flops = 2 * 2 * m * n * k  # y = x W^T and dX = dY W
+    base_bytes = size * (2 * n * k + 2 * m * k + 2 * m * n)
+    base = bench.case("lora", "frozen F.linear fwd+bwd(dX)", [m, k, n], grads_of(lambda: F.linear(x, weight), [x], dy),
+                      flops=base_flops, nbytes=base_bytes)  # fmt: skip
+    for r in ranks:
+        lora_a = (torch.randn(r, k, device=weight.device, dtype=dtype) / k**0.5).requires_grad_()
+        lora_b = (torch.randn(n, r, device=weight.device, dtype=dtype) * 0.01).requires_grad_()
+        flops = base_flops + 3 * 2 * m * r * (k + n)  # the forward, dA / dB and dX rank-r products
+        nbytes = base_bytes + size * 2 * r * (k + n)
+
+        def ours(a: torch.Tensor = lora_a, b: torch.Tensor = lora_b) -> torch.Tensor:
+            return lora_linear(x, weight, a, b, 2.0, dropout_p=LORA_DROPOUT, training=True)
+
+        name = f"r={r} p={LORA_DROPOUT} fwd+bwd"
+        row = bench.case("lora", f"lora_linear {name}", [m, k, n], grads_of(ours, [x, lora_a, lora_b], dy),
+                         flops=flops, nbytes=nbytes, baseline=base)  # fmt: skip
+        layer = _peft_layer(k, n, r, weight)
+        if layer is None:
+            bench.note("lora", f"PEFT lora.Linear {name}", [m, k, n], "peft unavailable")
+            continue
+        params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        theirs = bench.case("lora", f"PEFT lora.Linear {name}", [m, k, n],
+                            grads_of(lambda layer=layer: layer(x), params, dy), flops=flops, nbytes=nbytes, baseline=base)  # fmt: skip
+        row["speedup_vs_peft"] = theirs["median_ms"] / row["median_ms"]
+        if row["peak_extra_bytes"] is not None:
+            row["peak_extra_vs_peft"] = row["peak_extra_bytes"] / max(theirs["peak_extra_bytes"], 1)
+
+
+def _bitsandbytes_functional(device: str):
+    if device != "cuda":
+        return None
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except Exception:  # noqa: BLE001 (a missing CUDA library raises more than ImportError)
+        return None
+    return bnb_functional
+
+
+def bench_nf4(bench: Bench, dtype: torch.dtype, shapes, m_values) -> None:
+    bnb_functional = _bitsandbytes_functional(bench.device)
+    for k, n in shapes:
+        _nf4_cases(bench, torch.randn(n, k, device=bench.device, dtype=dtype), m_values, bnb_functional)
+
+
+def _nf4_cases(bench: Bench, weight: torch.Tensor, m_values, bnb_functional) -> None:
+    """Dequantization vs bitsandbytes, then the fused NF4 matmul vs the dense one for each M."""
     from kernels.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
 
-    rows = []
-    try:
-        import bitsandbytes.functional as bnb_f
-    except ImportError:
-        bnb_f = None
-    for (k, n) in shapes:
-        w = torch.randn(n, k, device=device, dtype=dtype)
-        q = quantize_nf4(w)
-        nbytes = q.packed.numel() + w.numel() * w.element_size()
-        ms, q20, q80 = measure(lambda: dequantize_nf4(q))
-        base_ms = None
-        if bnb_f is not None and device == "cuda":
-            packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-            base_ms, b20, b80 = measure(lambda: bnb_f.dequantize_4bit(packed, state))
-            rows.append(row("bitsandbytes dequantize_4bit", [n, k], base_ms, b20, b80, 0, nbytes, None, ceil))
-        else:
-            rows.append({"case": "bitsandbytes dequantize_4bit", "shape": [n, k], "note": "bitsandbytes unavailable on this device"})
-        rows.append(row("dequantize_nf4", [n, k], ms, q20, q80, 0, nbytes, None, ceil, base_ms))
-        for m in ms_values:
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            l_ms, l20, l80 = measure(lambda: F.linear(x, w))
-            rows.append(row(f"{dtype} F.linear", [m, k, n], l_ms, l20, l80, 2 * m * n * k, 0, None, ceil))
-            f_ms, f20, f80 = measure(lambda: nf4_linear(x, q))
-            rows.append(row("nf4_linear", [m, k, n], f_ms, f20, f80, 2 * m * n * k, q.packed.numel(), None, ceil, l_ms))
-    return rows
+    n, k = weight.shape
+    q = quantize_nf4(weight)
+    packed_bytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size()
+    dequant_bytes = packed_bytes + weight.numel() * weight.element_size()
+    baseline = None
+    if bnb_functional is None:
+        bench.note("nf4", "bitsandbytes dequantize_4bit", [n, k], "bitsandbytes unavailable (needs CUDA)")
+    else:
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        baseline = bench.case("nf4", "bitsandbytes dequantize_4bit", [n, k],
+                              lambda: bnb_functional.dequantize_4bit(packed, state), nbytes=dequant_bytes)  # fmt: skip
+    row = bench.case("nf4", "dequantize_nf4", [n, k], lambda: dequantize_nf4(q), nbytes=dequant_bytes, baseline=baseline)
+    if baseline is not None:
+        row["speedup_vs_bitsandbytes"] = baseline["median_ms"] / row["median_ms"]
+    dense_name = f"{str(weight.dtype).removeprefix('torch.')} F.linear"
+    for m in m_values:
+        x = torch.randn(m, k, device=weight.device, dtype=weight.dtype)
+        flops = 2 * m * n * k
+        io = (m * k + m * n) * weight.dtype.itemsize
+        dense = bench.case("nf4", dense_name, [m, k, n], lambda x=x: F.linear(x, weight), flops=flops,
+                           nbytes=io + weight.numel() * weight.element_size())  # fmt: skip
+        row = bench.case("nf4", "nf4_linear", [m, k, n], lambda x=x: nf4_linear(x, q), flops=flops,
+                         nbytes=io + packed_bytes, baseline=dense)  # fmt: skip
+        row["speedup_vs_dense"] = dense["median_ms"] / row["median_ms"]
 
 
-def bench_proj(device, dtype, measure, ceil, batches, tokens=1025, width=1408, out_dim=4096, text=128) -> list[dict]:
+def bench_proj(bench: Bench, dtype: torch.dtype, batches, tokens: int, width: int, out_dim: int, text: int) -> None:
+    for b in batches:
+        _proj_cases(bench, dtype, b, tokens, width, out_dim, text)
+
+
+def _proj_cases(bench: Bench, dtype: torch.dtype, b: int, tokens: int, width: int, out_dim: int, text: int) -> None:
+    """EVA-g tokens grouped by 4, projected, and placed after the first text token of each sequence."""
     from kernels.visual_proj import grouped_projection
 
-    rows = []
+    device = bench.device
     n_img = (tokens - 1) // 4
-    for b in batches:
-        feats = torch.randn(b, tokens, width, device=device, dtype=dtype)
-        weight = (torch.randn(out_dim, 4 * width, device=device, dtype=dtype) / (4 * width) ** 0.5).requires_grad_()
-        bias = torch.zeros(out_dim, device=device, dtype=dtype, requires_grad=True)
-        text_embeds = torch.randn(b, text, out_dim, device=device, dtype=dtype)
-        seq = text + n_img
-        rows_idx = (torch.arange(b, device=device)[:, None] * seq + 1 + torch.arange(n_img, device=device)).reshape(-1)
-        flops = 2 * b * n_img * 4 * width * out_dim
+    feats = torch.randn(b, tokens, width, device=device, dtype=dtype)
+    weight = (torch.randn(out_dim, 4 * width, device=device, dtype=dtype) / (4 * width) ** 0.5).requires_grad_()
+    bias = torch.zeros(out_dim, device=device, dtype=dtype, requires_grad=True)
+    text_embeds = torch.randn(b, text, out_dim, device=device, dtype=dtype)
+    seq = text + n_img
+    row_index = (torch.arange(b, device=device)[:, None] * seq + 1 + torch.arange(n_img, device=device)).reshape(-1)
+    grouped = feats[:, 1:].reshape(b * n_img, 4 * width).contiguous()
+    buffer = torch.empty(b * seq, out_dim, device=device, dtype=dtype)
+    shape = [b, tokens, width, out_dim]
+    flops = 2 * b * n_img * 4 * width * out_dim
+    io = dtype.itemsize * (b * n_img * 4 * width + out_dim * 4 * width + b * n_img * out_dim)
 
-        def eager():
-            img = F.linear(feats[:, 1:].reshape(b, n_img, 4 * width), weight, bias)
-            return torch.cat([text_embeds[:, :1], img, text_embeds[:, 1:]], dim=1)
+    def eager() -> torch.Tensor:
+        image = F.linear(feats[:, 1:].reshape(b, n_img, 4 * width), weight, bias)
+        return torch.cat([text_embeds[:, :1], image, text_embeds[:, 1:]], dim=1).reshape(b * seq, out_dim)
 
-        def ours():
-            out = torch.empty(b * seq, out_dim, device=device, dtype=dtype)
-            return grouped_projection(feats, weight, bias, out=out, row_index=rows_idx)
+    def ours() -> torch.Tensor:
+        # The text rows are already in the buffer (the embedding lookup wrote them); only images land
+        # here. A fresh detached alias per call keeps repeated in-place calls from chaining graphs.
+        return grouped_projection(feats, weight, bias, out=buffer.detach(), row_index=row_index)
 
-        grouped = feats[:, 1:].reshape(b * n_img, 4 * width).contiguous()
-        g_ms, g20, g80 = measure(lambda: grouped @ weight.detach().T)
-        e_ms, e20, e80 = measure(eager)
-        o_ms, o20, o80 = measure(ours)
-        rows.append(row("bare GEMM (pre-grouped)", [b, tokens, width, out_dim], g_ms, g20, g80, flops, 0, None, ceil))
-        rows.append(row("eager view+linear+cat", [b, tokens, width, out_dim], e_ms, e20, e80, flops, 0, None, ceil, g_ms))
-        r = row("grouped_projection + placement", [b, tokens, width, out_dim], o_ms, o20, o80, flops, 0, None, ceil, g_ms)
-        r["speedup_vs_eager"] = e_ms / o_ms
-        rows.append(r)
-    return rows
+    with torch.no_grad():
+        bare = bench.case("proj", "bare GEMM (pre-grouped, contiguous)", shape,
+                          lambda: F.linear(grouped, weight, bias), flops=flops, nbytes=io)  # fmt: skip
+        eager_row = bench.case("proj", "eager view+linear+cat", shape, eager, flops=flops, nbytes=io, baseline=bare)
+        row = bench.case("proj", "grouped_projection + placement", shape, ours, flops=flops, nbytes=io, baseline=bare)
+    row["speedup_vs_eager"] = eager_row["median_ms"] / row["median_ms"]
+
+    dy = torch.randn(b * seq, out_dim, device=device, dtype=dtype)
+    eager_train = bench.case("proj", "eager view+linear+cat fwd+bwd(dW, db)", shape, grads_of(eager, [weight, bias], dy),
+                             flops=2 * flops, nbytes=2 * io)  # fmt: skip
+    train = bench.case("proj", "grouped_projection + placement fwd+bwd(dW, db)", shape, grads_of(ours, [weight, bias], dy),
+                       flops=2 * flops, nbytes=2 * io, baseline=eager_train)  # fmt: skip
+    train["speedup_vs_eager"] = eager_train["median_ms"] / train["median_ms"]
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """Issue 3's GPU targets, as PASS / MISS lines (never assertions)."""
-    lines = []
+# --- targets ---------------------------------------------------------------------------------
 
-    def find(case_prefix, shape):
-        return next((r for r in rows if r["case"].startswith(case_prefix) and r.get("shape") == shape), None)
 
-    lora = find("lora_linear r=64", [8192, 4096, 4096])
-    if lora and "ratio_to_baseline" in lora:
-        lines.append(f"LoRA fwd+bwd / frozen base <= 1.10: {lora['ratio_to_baseline']:.3f} "
-                     f"{'PASS' if lora['ratio_to_baseline'] <= 1.10 else 'MISS'}")
-        if "speedup_vs_peft" in lora:
-            lines.append(f"LoRA vs PEFT >= 1.3x: {lora['speedup_vs_peft']:.2f}x {'PASS' if lora['speedup_vs_peft'] >= 1.3 else 'MISS'}")
+def _target(name: str, value: float | None, ok: bool | None, unit: str = "") -> dict:
+    status = "not measured" if value is None else ("PASS" if ok else "MISS")
+    return {"target": name, "value": value, "unit": unit, "status": status}
+
+
+def evaluate_targets(rows: list[dict], ceilings: dict) -> list[dict]:
+    """The GPU targets as PASS / MISS / not measured; never assertions."""
+
+    def find(case: str, shape: list[int]) -> dict | None:
+        return next((r for r in rows if r["case"] == case and r["shape"] == shape and "median_ms" in r), None)
+
+    out = []
+    lora = find(f"lora_linear r=64 p={LORA_DROPOUT} fwd+bwd", [8192, 4096, 4096])
+    ratio = lora["ratio_to_baseline"] if lora else None
+    out.append(_target("LoRA fwd+bwd (M=8192, 4096x4096, r=64, p=0.05) <= 1.10x frozen base fwd+bwd(dX)",
+                       ratio, ratio is not None and ratio <= 1.10, "x"))  # fmt: skip
+    speed = lora.get("speedup_vs_peft") if lora else None
+    out.append(_target("LoRA >= 1.3x faster than PEFT (same case)", speed, speed is not None and speed >= 1.3, "x"))
+    memory = lora.get("peak_extra_vs_peft") if lora else None
+    out.append(_target("LoRA peak memory below PEFT's (same case)", memory, memory is not None and memory < 1.0, "x PEFT"))
+
+    dequants = [r for r in rows if r["case"] == "dequantize_nf4" and "median_ms" in r]
+    for r in dequants:
+        speed = r.get("speedup_vs_bitsandbytes")
+        out.append(_target(f"NF4 dequant {r['shape']} >= 1.5x bitsandbytes", speed, speed is not None and speed >= 1.5, "x"))
+        share = r.get("pct_bw_ceiling")
+        out.append(_target(f"NF4 dequant {r['shape']} >= 80% of copy bandwidth", share, share is not None and share >= 80, "%"))
+    if not dequants:
+        out.append(_target("NF4 dequant >= 1.5x bitsandbytes and >= 80% of copy bandwidth", None, None))
+
+    matmuls = [r for r in rows if r["case"] == "nf4_linear" and r["shape"][0] in (1, 16, 8192)]
+    for r in matmuls:
+        m = r["shape"][0]
+        if m <= 16:
+            speed = r["speedup_vs_dense"]
+            out.append(_target(f"NF4 matmul {r['shape']} >= 2.5x faster than bf16 F.linear", speed, speed >= 2.5, "x"))
+        else:
+            ratio = r["ratio_to_baseline"]
+            out.append(_target(f"NF4 matmul {r['shape']} <= 1.15x bf16 F.linear", ratio, ratio <= 1.15, "x"))
+    if not matmuls:
+        out.append(_target("NF4 matmul M<=16 >= 2.5x and M=8192 <= 1.15x bf16 F.linear", None, None))
+
+    projections = [r for r in rows if r["case"] == "grouped_projection + placement" and r["shape"][1:] == [1025, 1408, 4096]]
+    for r in projections:
+        speed, ratio = r["speedup_vs_eager"], r["ratio_to_baseline"]
+        out.append(_target(f"projection + placement B={r['shape'][0]} >= 1.3x eager", speed, speed >= 1.3, "x"))
+        out.append(_target(f"projection + placement B={r['shape'][0]} <= 1.05x bare GEMM", ratio, ratio <= 1.05, "x"))
+    if not projections:
+        out.append(_target("projection + placement >= 1.3x eager and <= 1.05x bare GEMM", None, None))
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], targets: list[dict]) -> None:
+    print(f"{'case':48s} {'shape':24s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
+          f"{'peak MiB':>9s} {'ratio':>7s}")  # fmt: skip
     for r in rows:
-        if r["case"] == "dequantize_nf4" and r.get("ratio_to_baseline"):
-            speed = 1 / r["ratio_to_baseline"]
-            lines.append(f"NF4 dequant {r['shape']} vs bitsandbytes >= 1.5x: {speed:.2f}x {'PASS' if speed >= 1.5 else 'MISS'}")
-        if r["case"] == "nf4_linear" and r.get("ratio_to_baseline"):
-            m = r["shape"][0]
-            if m <= 16:
-                speed = 1 / r["ratio_to_baseline"]
-                lines.append(f"NF4 matmul M={m} {r['shape'][1:]} >= 2.5x bf16: {speed:.2f}x {'PASS' if speed >= 2.5 else 'MISS'}")
-            elif m == 8192:
-                lines.append(f"NF4 matmul M=8192 {r['shape'][1:]} <= 1.15x bf16: {r['ratio_to_baseline']:.2f} "
-                             f"{'PASS' if r['ratio_to_baseline'] <= 1.15 else 'MISS'}")
-        if r["case"] == "grouped_projection + placement":
-            lines.append(f"projection B={r['shape'][0]} >= 1.3x eager: {r['speedup_vs_eager']:.2f}x, <= 1.05x bare GEMM: "
-                         f"{r['ratio_to_baseline']:.2f} {'PASS' if r['speedup_vs_eager'] >= 1.3 and r['ratio_to_baseline'] <= 1.05 else 'MISS'}")
-    return lines
+        if "median_ms" not in r:
+            print(f"{r['case']:48s} {r['shape']!s:24s} {r['note']}")
+            continue
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+        print(f"{r['case']:48s} {r['shape']!s:24s} {r['median_ms']:10.4f} {r['p20_ms']:9.4f} {r['p80_ms']:9.4f} "
+              f"{_fmt(r['tflops'], '8.2f')} {_fmt(r['gbps'], '8.1f')} {_fmt(peak, '9.1f')} "
+              f"{_fmt(r.get('ratio_to_baseline'), '7.3f')}")  # fmt: skip
+    for t in targets:
+        value = "-" if t["value"] is None else f"{t['value']:.3f}{t['unit']}"
+        print(f"[{t['status']}] {t['target']}: {value}")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="lora,nf4,proj")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (harness check only)")
-    parser.add_argument("--out")
+    parser.add_argument("--only", default=",".join(SUITES), help="comma-separated subset of lora,nf4,proj")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (harness check; times mean nothing)")
+    parser.add_argument("--out", help="JSON path, e.g. bench/results/kernels-<device>-<date>.json")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        parser.error("the benchmarks need a CUDA device; use --smoke to check the harness on CPU")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    measure = timer(device)
-    ceil = ceilings(device, measure)
-    only = set(args.only.split(","))
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SUITES))
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: choose from {','.join(SUITES)}")
     if args.smoke:
-        shapes, ms_values, ranks, batches, proj_kw = [(40, 24)], [5], [4], [1], {"tokens": 17, "width": 8, "out_dim": 24, "text": 3}
+        device = "cpu"
+        # The kernels run in Triton's interpreter; it must be chosen before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif torch.cuda.is_available():
+        device = "cuda"
     else:
-        shapes, ms_values, ranks, batches, proj_kw = LLM_SHAPES, M_VALUES, RANKS, [1, 4, 16], {}
-    rows = []
+        parser.error("the benchmarks need a CUDA device; --smoke checks the harness on CPU")
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    measure = make_timer(device)
+    ceilings = measure_ceilings(device, measure)
+    bench = Bench(device, measure, ceilings)
+    if args.smoke:
+        shapes, m_values, ranks, batches = [(40, 24)], [5], [4], [1]
+        proj_shape = {"tokens": 17, "width": 8, "out_dim": 24, "text": 3}
+    else:
+        shapes, m_values, ranks, batches, proj_shape = LLM_SHAPES, M_VALUES, RANKS, PROJ_BATCHES, EVA_G
     if "lora" in only:
-        rows += bench_lora(device, dtype, measure, ceil, shapes, ms_values, ranks)
+        bench_lora(bench, dtype, shapes, m_values, ranks)
     if "nf4" in only:
-        rows += bench_nf4(device, dtype, measure, ceil, shapes, ms_values)
+        bench_nf4(bench, dtype, shapes, m_values)
     if "proj" in only:
-        rows += bench_proj(device, dtype, measure, ceil, batches, **proj_kw)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+        bench_proj(bench, dtype, batches, **proj_shape)
+
+    import triton
+
+    command = "python -m bench.kernels " + shlex.join(sys.argv[1:] if argv is None else argv)
+    targets = evaluate_targets(bench.rows, ceilings)
     result = {
-        "device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "command": "python -m bench.kernels " + " ".join(argv or []),
-        "smoke": args.smoke, "ceilings": ceil, "rows": rows, "targets": [] if args.smoke else targets(rows),
+        "device": _device_name(device),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": command.strip(),
+        "smoke": args.smoke,
+        "dtype": str(dtype).removeprefix("torch."),
+        "timing": "triton.testing.do_bench quantiles [0.5, 0.2, 0.8]" if device == "cuda" else "time.perf_counter, 3 runs",
+        "ceilings": ceilings,
+        "rows": bench.rows,
+        "targets": targets,
     }
-    for r in rows:
-        ms = r.get("median_ms")
-        extra = f" ratio {r['ratio_to_baseline']:.3f}" if r.get("ratio_to_baseline") else ""
-        print(f"{r['case']:42s} {str(r['shape']):28s} " + (f"{ms:9.3f} ms{extra}" if ms is not None else r.get("note", "")))
-    for line in result["targets"]:
-        print(line)
+    print_table(bench.rows, targets)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return result
 
 

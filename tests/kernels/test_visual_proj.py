@@ -1,4 +1,9 @@
-"""The grouped visual-token projection kernel against a float64 PyTorch reference."""
+"""The grouped visual-token projection kernel against float64 PyTorch and transformers' pixel shuffle.
+
+Every case draws fresh inputs with sizes that are not multiples of the interpreter's 16-wide tiles
+(D = 24 or 9 splits into a full and a masked K slice per token; 27 rows, 40 columns), and bounds
+the relative error of the output and of every gradient against a float64 computation.
+"""
 
 import pytest
 import torch
@@ -6,90 +11,241 @@ import torch
 from kernels.reference import grouped_projection_reference
 from kernels.visual_proj import grouped_projection
 
-CASES = [  # (batch, patch tokens, D, out_dim, layout, drop_cls, bias)
-    (3, 20, 12, 40, "sequence", True, True),
-    (2, 36, 10, 23, "spatial", True, False),
+CASES = [  # (batch, patch tokens N, D, out_dim, layout, drop_cls, bias)
+    (3, 20, 24, 40, "sequence", True, True),
+    (3, 36, 24, 40, "spatial", True, False),
     (2, 16, 9, 17, "spatial", False, True),
     (1, 12, 7, 33, "sequence", False, False),
 ]
-DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
+# fp16 inputs: one rounding of each output (2^-11) plus fp16 inputs; a wrong row/column/token is O(1).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
-def rel(a, b):
-    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach()
+    return float((got.detach().double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("dtype, tol", DTYPES)
-@pytest.mark.parametrize("b, n, d, out_dim, layout, drop_cls, has_bias", CASES)
-def test_forward_and_gradients(b, n, d, out_dim, layout, drop_cls, has_bias, dtype, tol):
-    tokens = n + (1 if drop_cls else 0)
-    feats = torch.randn(b, tokens, d, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(out_dim, 4 * d) / (4 * d) ** 0.5).to(dtype).requires_grad_()
-    bias = torch.randn(out_dim, dtype=dtype, requires_grad=True) if has_bias else None
+def explicit_groups(feats: torch.Tensor, layout: str, drop_cls: bool) -> torch.Tensor:
+    """The grouping spelled out token by token (independent of the reference's view/permute)."""
+    tokens = feats[:, 1:] if drop_cls else feats
+    n = tokens.shape[1]
+    if layout == "sequence":
+        groups = [[4 * t + g for g in range(4)] for t in range(n // 4)]
+    else:
+        side = int(n**0.5)
+        groups = [[(2 * i) * side + 2 * j, (2 * i) * side + 2 * j + 1, (2 * i + 1) * side + 2 * j, (2 * i + 1) * side + 2 * j + 1]
+                  for i in range(side // 2) for j in range(side // 2)]  # fmt: skip
+    return torch.stack([torch.cat([tokens[:, p] for p in group], dim=-1) for group in groups], dim=1)
+
+
+def make_inputs(b, n, d, out_dim, drop_cls, has_bias, dtype, weight_dtype=None):
+    feats = torch.randn(b, n + (1 if drop_cls else 0), d, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(out_dim, 4 * d) / (4 * d) ** 0.5).to(weight_dtype or dtype).requires_grad_()
+    bias = torch.randn(out_dim, dtype=weight_dtype or dtype, requires_grad=True) if has_bias else None
+    return feats, weight, bias
+
+
+def float64_twins(*tensors):
+    return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+
+
+# Both dtypes for the two EVA-like layouts; the small drop_cls=False cases once each (interpreter time).
+DTYPED_CASES = [(*CASES[0], torch.float32), (*CASES[0], torch.float16), (*CASES[1], torch.float32),
+                (*CASES[1], torch.float16), (*CASES[2], torch.float16), (*CASES[3], torch.float32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("b, n, d, out_dim, layout, drop_cls, has_bias, dtype", DTYPED_CASES)
+def test_forward_and_gradients(b, n, d, out_dim, layout, drop_cls, has_bias, dtype):
+    tol = TOLERANCE[dtype]
+    feats, weight, bias = make_inputs(b, n, d, out_dim, drop_cls, has_bias, dtype)
     y = grouped_projection(feats, weight, bias, group=4, layout=layout, drop_cls=drop_cls)
-    f64 = [t.detach().double().requires_grad_() for t in (feats, weight)]
-    b64 = bias.detach().double().requires_grad_() if has_bias else None
-    ref = grouped_projection_reference(f64[0], f64[1], b64, group=4, layout=layout, drop_cls=drop_cls)
-    assert y.shape == ref.shape == (b, n // 4, out_dim)
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    grouped = explicit_groups(f64, layout, drop_cls)
+    ref = grouped @ w64.T + (b64 if has_bias else 0)
+    assert y.shape == (b, n // 4, out_dim) and y.dtype == dtype
     assert rel(y, ref) < tol
-    g = torch.randn_like(ref)
-    y.backward(g.to(dtype))
-    ref.backward(g)
-    assert rel(weight.grad, f64[1].grad) < tol
-    assert rel(feats.grad, f64[0].grad) < tol
+    dy = torch.randn_like(ref)
+    y.backward(dy.to(dtype))
+    ref.backward(dy)
+    assert rel(weight.grad, w64.grad) < tol
+    assert rel(feats.grad, f64.grad) < tol
     if drop_cls:
         assert bool((feats.grad[:, 0] == 0).all())
     if has_bias:
         assert rel(bias.grad, b64.grad) < tol
 
 
-def test_spatial_layout_is_pixel_shuffle_order():
-    d = 1
-    feats = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # a 4x4 grid, raster order
-    grouped = grouped_projection_reference(feats, torch.eye(4), None, layout="spatial", drop_cls=False)
-    assert grouped[0, 0].tolist() == [0, 1, 4, 5] and grouped[0, 1].tolist() == [2, 3, 6, 7]
-    got = grouped_projection(feats, torch.eye(4 * d), None, layout="spatial", drop_cls=False)
-    assert torch.equal(got, grouped)
+def test_reference_matches_the_explicit_grouping():
+    feats = torch.randn(2, 37, 5, dtype=torch.float64)
+    for layout in ("sequence", "spatial"):
+        weight = torch.randn(6, 20, dtype=torch.float64)
+        ref = grouped_projection_reference(feats, weight, None, layout=layout)
+        torch.testing.assert_close(ref, explicit_groups(feats, layout, True) @ weight.T)
 
 
-def test_placement_writes_only_the_given_rows():
-    b, n, d, out_dim, seq = 2, 8, 6, 10, 7
-    feats = torch.randn(b, n + 1, d, requires_grad=True)
-    weight = torch.randn(out_dim, 4 * d, requires_grad=True)
-    bias = torch.randn(out_dim, requires_grad=True)
-    embeds = torch.full((b * seq, out_dim), float("nan"))
-    rows = torch.tensor([1, 2, seq + 3, seq + 4])
-    keep = torch.ones(b * seq, dtype=torch.bool)
-    keep[rows] = False
-    embeds[keep] = torch.randn(int(keep.sum()), out_dim)
-    before = embeds.clone()
-    placed = grouped_projection(feats, weight, bias, out=embeds.clone(), row_index=rows)
-    ref = grouped_projection_reference(feats.double(), weight.double(), bias.double(), out=before.double(), row_index=rows)
-    assert not torch.isnan(placed).any()
-    torch.testing.assert_close(placed[keep], before[keep])
-    torch.testing.assert_close(placed.double(), ref, rtol=1e-6, atol=1e-6)
-    placed.sum().backward()
-    f = feats.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    grouped_projection_reference(f, w, bias.detach().double(), out=before.double(), row_index=rows).sum().backward()
-    assert rel(weight.grad, w.grad) < 1e-6 and rel(feats.grad, f.grad) < 1e-6
+def test_spatial_layout_is_idefics3_pixel_shuffle():
+    idefics3 = pytest.importorskip("transformers.models.idefics3.modeling_idefics3")
+    side, d = 6, 3
+    feats = torch.randn(2, side * side, d)
+    # pixel_shuffle reads nothing from self; the connector's own config is irrelevant here.
+    shuffled = idefics3.Idefics3Connector.pixel_shuffle(None, feats, scale_factor=2)
+    identity = torch.eye(4 * d)
+    got = grouped_projection(feats, identity, None, layout="spatial", drop_cls=False)
+    assert torch.equal(got, shuffled)
+    assert torch.equal(grouped_projection_reference(feats, identity, None, layout="spatial", drop_cls=False), shuffled)
+
+
+def test_strided_features_and_fp32_master_weights():
+    """Non-contiguous feats are read through their strides; fp32 weight/bias with fp16 activations."""
+    big = torch.randn(2, 17, 30, dtype=torch.float16)
+    feats_view = big[:, :, 3:22]  # D = 19, token stride 30
+    assert not feats_view.is_contiguous()
+    weight = (torch.randn(21, 4 * 19) / 9).requires_grad_()
+    bias = torch.randn(21, requires_grad=True)
+    y = grouped_projection(feats_view, weight, bias)
+    f64, w64, b64 = float64_twins(feats_view, weight, bias)
+    ref = grouped_projection_reference(f64, w64, b64)
+    assert y.dtype == torch.float16 and rel(y, ref) < 2e-3
+    dy = torch.randn_like(ref)
+    y.backward(dy.half())
+    ref.backward(dy)
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    assert rel(weight.grad, w64.grad) < 2e-3 and rel(bias.grad, b64.grad) < 2e-3
+    feats_grad_path = big[:, :, 3:22].detach().requires_grad_()
+    grouped_projection(feats_grad_path, weight.detach(), None).backward(dy.half())
+    assert rel(feats_grad_path.grad, f64.grad) < 2e-3
+
+
+def placement_case(dtype=torch.float32):
+    b, n, d, out_dim, seq = 2, 16, 6, 19, 9
+    feats, weight, bias = make_inputs(b, n, d, out_dim, True, True, dtype)
+    # image tokens at positions 2..5 of sequence 0 and 4..7 of sequence 1 (the 2nd one at the end)
+    rows = torch.tensor([2, 3, 4, 5, seq + 4, seq + 5, seq + 6, seq + 7])
+    text = torch.randn(b * seq, out_dim, dtype=dtype)
+    return feats, weight, bias, text, rows
+
+
+def test_placement_writes_exactly_the_given_rows():
+    feats, weight, bias, text, rows = placement_case()
+    buffer = text.clone()
+    buffer[rows] = float("nan")  # poisoned: each of these rows must be overwritten
+    untouched = torch.ones(len(buffer), dtype=torch.bool)
+    untouched[rows] = False
+    returned = grouped_projection(feats, weight, bias, out=buffer, row_index=rows)
+    assert returned.data_ptr() == buffer.data_ptr()  # in place, no concatenated copy
+    assert torch.equal(buffer[untouched], text[untouched])  # bit for bit
+    assert not torch.isnan(buffer).any()
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    projected = (explicit_groups(f64, "sequence", True) @ w64.T + b64).reshape(-1, weight.shape[0])
+    assert rel(buffer[rows], projected) < 1e-5
+
+
+def test_placement_gradients_flow_from_the_rows_of_out():
+    feats, weight, bias, text, rows = placement_case()
+    text = text.requires_grad_()
+    placed = grouped_projection(feats, weight, bias, out=text.clone(), row_index=rows)
+    f64, w64, b64, t64 = float64_twins(feats, weight, bias, text)
+    ref = grouped_projection_reference(f64, w64, b64, out=t64.clone(), row_index=rows)
+    assert rel(placed, ref) < 1e-5
+    dy = torch.randn_like(ref)
+    placed.backward(dy.float())
+    ref.backward(dy)
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad), (text.grad, t64.grad)):
+        assert rel(got, want) < 1e-5
+    assert bool((text.grad[rows] == 0).all())  # overwritten rows pass no gradient to the text
+
+
+def test_custom_op_registrations():
+    """torch.library's own consistency checks: schema, fake tensors, autograd registration."""
+    feats, weight, bias = make_inputs(1, 16, 5, 7, True, True, torch.float32)
+    torch.library.opcheck(
+        torch.ops.pefomed.grouped_projection.default, (feats, weight, bias, 4, "spatial", True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )  # fmt: skip
+    dy = torch.randn(1, 4, 7)
+    torch.library.opcheck(
+        torch.ops.pefomed.grouped_projection_backward.default,
+        (dy, feats.detach(), weight.detach(), None, 4, "spatial", True, True, True, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
+
+def test_compiles_fullgraph_with_gradients():
+    feats, weight, bias, text, rows = placement_case()
+
+    def step(feats, weight, bias, text):
+        plain = grouped_projection(feats, weight, bias, layout="spatial")
+        placed = grouped_projection(feats, weight, bias, out=text * 1.0, row_index=rows)
+        return (plain * plain).sum() + (placed.sin()).sum()
+
+    text = text.requires_grad_()
+    # aot_eager: dynamo + AOT autograd + functionalization of the in-place op, as inductor sees
+    # them, without inductor's C++ build (40 s on these shared CPUs).
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(feats, weight, bias, text)
+    loss.backward()
+    f64, w64, b64, t64 = float64_twins(feats, weight, bias, text)
+    plain = grouped_projection_reference(f64, w64, b64, layout="spatial")
+    placed = grouped_projection_reference(f64, w64, b64, out=t64 * 1.0, row_index=rows)
+    ref = (plain * plain).sum() + placed.sin().sum()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad), (text.grad, t64.grad)):
+        assert rel(got, want) < 1e-5
 
 
 def test_bad_inputs_are_clear():
     with pytest.raises(ValueError, match="cannot be grouped by 4"):
-        grouped_projection(torch.randn(1, 7, 4), torch.randn(3, 16), None)
-    with pytest.raises(ValueError, match="even square grid"):
-        grouped_projection(torch.randn(1, 13, 4), torch.randn(3, 16), None, layout="spatial")
-    with pytest.raises(ValueError, match=r"weight must be \[out_dim, 16\]"):
+        grouped_projection(torch.randn(1, 8, 4), torch.randn(3, 16), None)  # 7 tokens after CLS
+    with pytest.raises(ValueError, match="even square patch grid"):
+        grouped_projection(torch.randn(1, 13, 4), torch.randn(3, 16), None, layout="spatial")  # 12 tokens
+    with pytest.raises(ValueError, match=r"weight must be \[out_dim, group\*D\] = \[out_dim, 16\]"):
         grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 12), None)
-    with pytest.raises(ValueError, match="row_index"):
+    with pytest.raises(ValueError, match=r"bias has shape \[4\], expected \[3\]"):
+        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), torch.randn(4))
+    with pytest.raises(ValueError, match="layout 'grid'"):
+        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, layout="grid")
+    with pytest.raises(ValueError, match="go together"):
         grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="row_index must be a 1-D int64/int32 tensor of 2 row numbers"):
+        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3), row_index=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"out must be \[rows, 3\]"):
+        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 4), row_index=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3), row_index=torch.tensor([1, 5]))
+    with pytest.raises(TypeError, match="float64"):
+        grouped_projection(torch.randn(1, 9, 4, dtype=torch.float64), torch.randn(3, 16), None)
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu():
-    feats = torch.randn(4, 1025, 64, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(96, 256, device="cuda", dtype=torch.bfloat16) / 16
-    y = grouped_projection(feats, weight, None)
-    ref = grouped_projection_reference(feats.double(), weight.double(), None)
+@pytest.mark.parametrize("layout", ["sequence", "spatial"])
+def test_bf16_eva_sized_on_gpu(layout):
+    feats = torch.randn(3, 1025, 1408, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(4096, 5632, device="cuda") / 75).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = grouped_projection(feats, weight, bias, layout=layout)
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    ref = grouped_projection_reference(f64, w64, b64, layout=layout)
     assert rel(y, ref) < 1e-2
+    dy = torch.randn_like(ref)
+    y.backward(dy.bfloat16())
+    ref.backward(dy)
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        assert rel(got, want) < 1e-2
+    assert bool((feats.grad[:, 0] == 0).all())
+
+
+@pytest.mark.gpu
+def test_bf16_placement_on_gpu():
+    feats = torch.randn(2, 1025, 1408, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(4096, 5632, device="cuda") / 75).to(torch.bfloat16)
+    seq = 300
+    rows = (torch.arange(2, device="cuda")[:, None] * seq + 7 + torch.arange(256, device="cuda")).reshape(-1)
+    buffer = torch.full((2 * seq, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_projection(feats, weight, None, out=buffer, row_index=rows)
+    ref = grouped_projection_reference(feats.double(), weight.double(), None).reshape(-1, 4096)
+    assert rel(buffer[rows], ref) < 1e-2
+    untouched = torch.ones(2 * seq, dtype=torch.bool, device="cuda")
+    untouched[rows] = False
+    assert bool(torch.isnan(buffer[untouched]).all())
