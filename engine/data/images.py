@@ -1,7 +1,13 @@
 """Image loading without torchvision: PNG/JPEG through PIL, DICOM through pydicom.
 
-The preprocessing is MiniGPT-v2's evaluation transform: bicubic resize to the square input
-size, scale to [0, 1], normalize with the EVA/CLIP mean and std.
+DICOM pixels go through the modality rescale (slope/intercept), then the VOI window from the
+header (Window Center/Width with the VOI LUT Function: LINEAR, the default, LINEAR_EXACT or
+SIGMOID, as DICOM PS3.3 C.11.2.1 defines them), or a min-max stretch when the header has no
+window. MONOCHROME1 is inverted so that bright always means dense; a multi-frame file gives its
+middle frame.
+
+The tensor is MiniGPT-v2's evaluation transform: grey-scale to RGB, bicubic resize to the square
+input size, scale to [0, 1], normalize with the EVA/CLIP mean and std.
 """
 
 from __future__ import annotations
@@ -14,60 +20,99 @@ from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 class ImageLoadError(ValueError):
-    """An image that is missing or cannot be decoded."""
+    """An image that is missing or cannot be decoded; the message starts with its path."""
 
 
 def _first(value) -> float:
+    """Window Center/Width may hold several alternative views (VM > 1); the first is the default."""
     try:
-        return float(value[0])
-    except TypeError:
         return float(value)
+    except TypeError:
+        return float(value[0])
 
 
-def dicom_to_uint8(path: str | Path) -> np.ndarray:
-    """Modality rescale, then the VOI window from the header (min-max when there is none)."""
+def voi_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI windowing of modality values to [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
+    function = function.upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"Window Width {width} must be > 0 for SIGMOID")
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR":
+        if width < 1:
+            raise ValueError(f"Window Width {width} must be >= 1 for LINEAR")
+        center, width = center - 0.5, width - 1.0
+    elif function != "LINEAR_EXACT":
+        raise ValueError(f"VOI LUT Function {function!r} is not LINEAR, LINEAR_EXACT or SIGMOID")
+    if width <= 0:  # LINEAR with width 1 or LINEAR_EXACT with width 0: a hard threshold
+        return (values > center).astype(np.float64)
+    return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+
+
+def dicom_to_unit(path: str | Path) -> np.ndarray:
+    """A DICOM file's displayed grey levels in [0, 1] (2-D), or RGB [H, W, 3] for colour files."""
     import pydicom
 
     ds = pydicom.dcmread(str(path))
-    pixels = ds.pixel_array.astype(np.float64)
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
+    pixels = ds.pixel_array
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[pixels.shape[0] // 2]
+    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:
+        return pixels.astype(np.float64) / float(np.iinfo(pixels.dtype).max if pixels.dtype.kind in "ui" else 1.0)
+    values = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1.0) or 1.0) + float(ds.get("RescaleIntercept", 0.0) or 0.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        low, high = center - width / 2.0, center + width / 2.0
+        unit = voi_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
     else:
-        low, high = float(pixels.min()), float(pixels.max())
-    scaled = (np.clip(pixels, low, high) - low) / max(high - low, 1e-6)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    if scaled.ndim == 3 and scaled.shape[-1] != 3:  # multi-frame: take the middle frame
-        scaled = scaled[scaled.shape[0] // 2]
-    return (scaled * 255.0).round().astype(np.uint8)
+        low, high = float(values.min()), float(values.max())
+        unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit
+
+
+def dicom_to_uint8(path: str | Path) -> np.ndarray:
+    return (dicom_to_unit(path) * 255.0).round().astype(np.uint8)
 
 
 def open_image(path: str | Path) -> Image.Image:
+    """An RGB PIL image from PNG/JPEG (any mode) or DICOM; `ImageLoadError` names path and reason."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ImageLoadError(f"{path}: image file not found")
     try:
-        if path.suffix.lower() in (".dcm", ".dicom"):
+        if path.suffix.lower() in DICOM_SUFFIXES:
             return Image.fromarray(dicom_to_uint8(path)).convert("RGB")
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("I;16", "I;16B", "I", "F"):
+                # 16-bit and float PNGs: convert("L") would clip at 255, so stretch to 8 bits first.
+                arr = np.asarray(img, dtype=np.float64)
+                low, high = float(arr.min()), float(arr.max())
+                arr = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
+                return Image.fromarray((arr * 255.0).round().astype(np.uint8)).convert("RGB")
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, AttributeError) as e:
-        raise ImageLoadError(f"{path}: cannot read the image ({e})") from e
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageLoadError(f"{path}: cannot decode the image ({e})") from e
+    except Exception as e:  # pydicom raises many types for broken files (InvalidDicomError, KeyError, ...)
+        raise ImageLoadError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
 
 
 def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    img = img.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    """Bicubic resize to size x size, [0, 1], then the EVA/CLIP normalization: float [3, size, size]."""
+    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy() / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """The model input for one image file: float [3, size, size]."""
     return to_tensor(open_image(path), size)

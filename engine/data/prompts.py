@@ -1,32 +1,84 @@
-"""Prompt templates of the recipes. `<s>` stands for the tokenizer's BOS token, and
-`<ImageHere>` for the image's placeholder tokens, which the connector's output replaces."""
+"""Prompt templates of the recipes (MiniGPT-v2 / PeFoMed, and Med-Idefics' expert variant).
+
+Every prompt is `<s>[INST] <Img><ImageHere></Img> [task] instruction [/INST]`. `<s>` stands for
+the tokenizer's BOS token (the collate code emits exactly one BOS, whatever the tokenizer adds
+on its own) and `<ImageHere>` for the image's placeholder tokens, which the connector's output
+replaces. The target that follows is the answer, caption or report, ended by `</s>` (EOS).
+
+Templates are chosen by name (`data.template`):
+- `minigptv2`: `[vqa] Based on the image, respond to this question with a short answer: {q}`.
+  In training MiniGPT-v2 sometimes draws the short form `[vqa] {q}` instead
+  (`short_prompt_prob`).
+- `expert`: Med-Idefics' ablation, which prefixes each question with "You are an expert
+  radiologist evaluating the case, answer the question succinctly based on the medical image."
+- `short`: always `[vqa] {q}`.
+Captions and reports take an instruction from a small pool (PeFoMed draws one at random for each
+training sample; evaluation uses the first one, so its prompts are reproducible).
+"""
 
 from __future__ import annotations
 
 import random
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
+BOS_TEXT = "<s>"
+EOS_TEXT = "</s>"
+WRAPPER = "<s>[INST] <Img><ImageHere></Img> [{task}] {instruction} [/INST]"
 
 VQA_INSTRUCTIONS = {
     "minigptv2": "Based on the image, respond to this question with a short answer: {q}",
-    "expert": "You are an expert radiologist. Based on the image, respond to this question with a short answer: {q}",
+    "expert": "You are an expert radiologist evaluating the case, answer the question succinctly "
+              "based on the medical image. {q}",
     "short": "{q}",
 }
-CAPTION_INSTRUCTION = "Briefly describe this image."
-REPORT_INSTRUCTION = "Write a radiology report for this image."
-WRAPPER = "<s>[INST] <Img><ImageHere></Img> [{task}] {instruction} [/INST]"
+TEMPLATES = tuple(VQA_INSTRUCTIONS)
+CAPTION_INSTRUCTIONS = (
+    "Briefly describe this image.",
+    "Provide a concise depiction of this image.",
+    "Present a short description of this image.",
+    "Summarize this image in a few words.",
+)
+REPORT_INSTRUCTIONS = (
+    "Describe the given chest x-ray image in detail.",
+    "Take a look at this chest x-ray and describe the findings and impression.",
+    "What are the key findings in this chest x-ray image?",
+)
+REPORT_INSTRUCTION = REPORT_INSTRUCTIONS[0]
+EXPERT_PREFIX = "You are an expert radiologist."
+TASKS = ("vqa", "caption", "report")
 
 
-def build_prompt(task: str, question: str | None, template: str = "minigptv2", rng: random.Random | None = None,
-                 short_prompt_prob: float = 0.0) -> str:
-    """The full prompt text; in training MiniGPT-v2 sometimes draws the short `[vqa] {q}` form."""
+def check_template(template: str) -> str:
+    if template not in VQA_INSTRUCTIONS:
+        raise ValueError(f"prompt template {template!r}: expected one of {', '.join(TEMPLATES)} (data.template)")
+    return template
+
+
+def _pick(pool: tuple[str, ...], rng: random.Random | None) -> str:
+    return pool[rng.randrange(len(pool))] if rng is not None else pool[0]
+
+
+def instruction(task: str, question: str | None, template: str = "minigptv2", rng: random.Random | None = None,
+                short_prompt_prob: float = 0.0) -> str:
+    """The text between `[task]` and `[/INST]`; `rng` is given in training only."""
+    check_template(template)
     if task == "vqa":
-        if template not in VQA_INSTRUCTIONS:
-            raise ValueError(f"prompt template {template!r}: expected one of {sorted(VQA_INSTRUCTIONS)}")
-        name = "short" if rng is not None and short_prompt_prob > 0 and rng.random() < short_prompt_prob else template
-        return WRAPPER.format(task="vqa", instruction=VQA_INSTRUCTIONS[name].format(q=question))
-    if task == "caption":
-        return WRAPPER.format(task="caption", instruction=CAPTION_INSTRUCTION)
-    if task == "report":
-        return WRAPPER.format(task="report", instruction=REPORT_INSTRUCTION)
-    raise ValueError(f"task {task!r}: expected vqa, caption or report")
+        if question is None or not str(question).strip():
+            raise ValueError("a vqa prompt needs a non-empty question")
+        use_short = rng is not None and short_prompt_prob > 0 and rng.random() < short_prompt_prob
+        return VQA_INSTRUCTIONS["short" if use_short else template].format(q=str(question).strip())
+    if task in ("caption", "report"):
+        text = _pick(CAPTION_INSTRUCTIONS if task == "caption" else REPORT_INSTRUCTIONS, rng)
+        return f"{EXPERT_PREFIX} {text}" if template == "expert" else text
+    raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+
+
+def build_prompt(task: str, question: str | None = None, template: str = "minigptv2",
+                 rng: random.Random | None = None, short_prompt_prob: float = 0.0) -> str:
+    """The full prompt text, `<s>[INST] <Img><ImageHere></Img> [task] ... [/INST]`.
+
+    In training pass a seeded `rng`: it draws the short `[vqa] {q}` form with probability
+    `short_prompt_prob` and the caption/report instruction from its pool. Without `rng` (in
+    evaluation) the prompt is fixed.
+    """
+    return WRAPPER.format(task=task, instruction=instruction(task, question, template, rng, short_prompt_prob))

@@ -1,145 +1,237 @@
-"""The embedded default dataset: synthetic "radiology" images with known findings.
+"""The embedded default dataset: synthetic "radiology" images whose findings are all known.
 
-Each image is a grey-scale chest radiograph (a body outline, two dark lungs, a heart) or a
-brain MRI slice (a skull ring, two hemispheres, ventricles). Some carry 1-3 bright lesions on
-one side, small or large. Everything about them is known, so the VQA-RAD-style questions
-(closed yes/no and open) have exact answers. Sides follow the radiological convention: the
-patient's left is on the image's right.
+Each image is either a chest radiograph (a body outline, two dark lungs, a heart) or a head MRI
+slice (a skull ring, brain parenchyma, two ventricles). It carries 0-3 lesions, all on one side
+and of one size: bright opacities in a lung, dark (hypointense) blobs in a hemisphere. Sides
+follow the radiological convention: the patient's left is on the image's right.
+
+The image is built for a tiny model with a random frozen ViT (patch 8 on 64 px): organs and
+lesions are large, high-contrast and well apart. At 64 px a small lesion is 6.4 px across (half
+a patch), a large one 10.2 px (more than a patch), and neighbouring lesions are 12.8 px apart,
+so they never merge and the answers can be read from the patches.
+
+Questions follow VQA-RAD: closed yes/no ones (answer_type CLOSED) and open single-word ones
+(OPEN), tagged with question_type (PRES, POS, SIZE, COUNT, ORGAN, MODALITY). They are drawn so
+that no question can be answered from its wording alone: every closed question type (and the
+general "is there a lesion in this image?") is yes half of the time, and open answers spread
+over 14 words. Each image gets three question slots; a slot
+picks the "any image" group or the "about the lesion" group with equal probability, and
+lesion slots of a lesion-free image are dropped, so the image-level questions see images with
+and without lesions in their natural 3:1 ratio.
 
 Written in the VQA-RAD format (`trainset.json`, `testset.json`, `images/`) and PeFoMed's
-caption format (`captions_train.json`, `captions_test.json`). The generator is deterministic:
-the same seed gives byte-identical files.
+caption format (`captions_train.json`, `captions_test.json`: `[{"image", "caption"}]`). The
+generator keeps no global state: the same arguments give byte-identical files.
 
-    python -m engine.data.synthetic --out data/demo --n-train 2000 --n-test 300 --image-size 64
+    python -m engine.data.synthetic --out data/demo --n-train 2000 --n-test 300 --image-size 64 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from engine.data.prompts import CAPTION_INSTRUCTION, REPORT_INSTRUCTION, VQA_INSTRUCTIONS, WRAPPER
+from engine.data.prompts import CAPTION_INSTRUCTIONS, EXPERT_PREFIX, REPORT_INSTRUCTIONS, TASKS, VQA_INSTRUCTIONS, WRAPPER
 
-QUESTIONS_PER_IMAGE = 3
+SLOTS_PER_IMAGE = 3
+SIDES = ("left", "right")
+SIZES = ("small", "large")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
+# Geometry as fractions of the image side. The patient's right is on the image's left.
+LESION_RADIUS = {"small": 0.05, "large": 0.08}
+BODY = {
+    "chest": {"part": "lung", "organ": "CHEST", "modality": "XR", "modality_word": "xray",
+              "centre_x": {"right": 0.29, "left": 0.71}, "mid_row": 0.44, "row_step": 0.20, "lesion_value": 0.95},
+    "head": {"part": "hemisphere", "organ": "HEAD", "modality": "MRI", "modality_word": "mri",
+             "centre_x": {"right": 0.31, "left": 0.69}, "mid_row": 0.50, "row_step": 0.20, "lesion_value": 0.0},
+}
+LESION_ORGAN = {"chest": "lung", "head": "brain"}
+NOISE_STD = 0.03
+JITTER = 0.006
 
-def _ellipse(h, w, cy, cx, ry, rx):
-    y, x = np.ogrid[:h, :w]
+
+@dataclass(frozen=True)
+class Finding:
+    body: str  # "chest" | "head"
+    count: int  # 0-3 lesions
+    side: str | None  # the patient's side of every lesion
+    size: str | None
+
+    @property
+    def present(self) -> bool:
+        return self.count > 0
+
+    @property
+    def place(self) -> str:
+        return f"{self.side} {BODY[self.body]['part']}"
+
+
+def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    """Boolean mask of an ellipse given in fractions of the image side (pixel centres)."""
+    y, x = ((axis + 0.5) / size for axis in np.ogrid[:size, :size])
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 
-def draw(finding: dict, size: int, rng: np.random.Generator) -> np.ndarray:
-    s = size
-    img = np.zeros((s, s), dtype=np.float64)
-    if finding["organ"] == "chest":
-        img[_ellipse(s, s, 0.52 * s, 0.5 * s, 0.46 * s, 0.44 * s)] = 0.45
-        lungs = {"right": 0.30 * s, "left": 0.70 * s}  # patient's right lung on the image's left
-        for cx in lungs.values():
-            img[_ellipse(s, s, 0.47 * s, cx, 0.30 * s, 0.15 * s)] = 0.12
-        img[_ellipse(s, s, 0.62 * s, 0.56 * s, 0.12 * s, 0.10 * s)] = 0.6
+def _draw_chest(img: np.ndarray, size: int, wobble: np.ndarray) -> None:
+    img[_ellipse(size, 0.52, 0.5, 0.46 + wobble[0], 0.46 + wobble[1])] = 0.5
+    for cx in BODY["chest"]["centre_x"].values():
+        img[_ellipse(size, 0.44, cx, 0.28, 0.16)] = 0.1
+    img[_ellipse(size, 0.68, 0.5, 0.12, 0.10)] = 0.7
+
+
+def _draw_head(img: np.ndarray, size: int, wobble: np.ndarray) -> None:
+    img[_ellipse(size, 0.5, 0.5, 0.46 + wobble[0], 0.40 + wobble[1])] = 0.95
+    img[_ellipse(size, 0.5, 0.5, 0.41 + wobble[0], 0.35 + wobble[1])] = 0.45
+    for cx in (0.46, 0.54):
+        img[_ellipse(size, 0.5, cx, 0.12, 0.03)] = 0.1
+
+
+def draw(finding: Finding, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 [size, size] grey-scale image of the finding."""
+    img = np.zeros((size, size), dtype=np.float64)
+    wobble = rng.uniform(-0.015, 0.015, size=2)
+    (_draw_chest if finding.body == "chest" else _draw_head)(img, size, wobble)
+    if finding.present:
+        body = BODY[finding.body]
+        radius = LESION_RADIUS[finding.size]
+        cx = body["centre_x"][finding.side]
+        # A row step apart (12.8 px at 64 px) even when large (10.2 px across), so lesions never merge.
+        offsets = np.arange(finding.count) - (finding.count - 1) / 2
+        for cy in body["mid_row"] + body["row_step"] * offsets:
+            dy, dx = rng.uniform(-JITTER, JITTER, size=2)
+            img[_ellipse(size, cy + dy, cx + dx, radius, radius)] = body["lesion_value"]
+    img += rng.normal(0.0, NOISE_STD, size=img.shape)
+    return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def sample_finding(rng: np.random.Generator) -> Finding:
+    """Body part 50/50, lesion count uniform over 0-3, side and size uniform."""
+    body = "chest" if rng.random() < 0.5 else "head"
+    count = int(rng.integers(0, 4))
+    if count == 0:
+        return Finding(body, 0, None, None)
+    return Finding(body, count, SIDES[int(rng.integers(2))], SIZES[int(rng.integers(2))])
+
+
+def _other(value: str, choices: tuple[str, str]) -> str:
+    return choices[1] if value == choices[0] else choices[0]
+
+
+def presence_question(f: Finding, rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """"is there a lesion in this image?" or "... in the left lung?", each "yes" half of the time.
+
+    One image in four has no lesion. Asking the general form of half the lesion-free images and
+    of one image with lesions in six makes it yes half of the time; the side form then sees
+    lesions in 5/6 of its images and asks about the lesion's own side 3/5 of the time.
+    """
+    general = rng.random() < (1 / 6 if f.present else 1 / 2)
+    if general:
+        return ("is there a lesion in this image?", "yes" if f.present else "no", "CLOSED", "PRES")
+    if f.present:
+        asked = f.side if rng.random() < 3 / 5 else _other(f.side, SIDES)
     else:
-        img[_ellipse(s, s, 0.5 * s, 0.5 * s, 0.46 * s, 0.40 * s)] = 0.9
-        img[_ellipse(s, s, 0.5 * s, 0.5 * s, 0.41 * s, 0.35 * s)] = 0.4
-        lungs = {"right": 0.36 * s, "left": 0.64 * s}
-        for cx in lungs.values():
-            img[_ellipse(s, s, 0.5 * s, cx, 0.10 * s, 0.04 * s)] = 0.1
-    if finding["count"]:
-        cx0 = lungs[finding["side"]]
-        radius = (0.11 if finding["size"] == "large" else 0.055) * s
-        rows = np.linspace(0.30, 0.66, finding["count"] + 2)[1:-1] if finding["organ"] == "chest" else np.linspace(0.28, 0.72, finding["count"] + 2)[1:-1]
-        for cy in rows:
-            jitter = rng.uniform(-0.02, 0.02, size=2) * s
-            img[_ellipse(s, s, cy * s + jitter[0], cx0 + jitter[1], radius, radius)] = 1.0
-    img += rng.normal(0.0, 0.03, size=img.shape)
-    return (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
+        asked = SIDES[int(rng.integers(2))]
+    answer = "yes" if f.present and asked == f.side else "no"
+    return (f"is there a lesion in the {asked} {BODY[f.body]['part']}?", answer, "CLOSED", "PRES")
 
 
-def sample_finding(rng: np.random.Generator) -> dict:
-    organ = "chest" if rng.random() < 0.5 else "brain"
-    # Two images in three carry lesions: absent images only admit "no" to closed questions,
-    # so this keeps closed answers near 50% yes.
-    if rng.random() < 1 / 3:
-        return {"organ": organ, "count": 0, "side": None, "size": None}
-    return {"organ": organ, "count": int(rng.integers(1, 4)), "side": str(rng.choice(["left", "right"])),
-            "size": str(rng.choice(["small", "large"]))}
-
-
-def place(finding: dict) -> str:
-    return f"{finding['side']} lung" if finding["organ"] == "chest" else f"{finding['side']} hemisphere"
-
-
-def questions(finding: dict, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, question_type) candidates for one image."""
-    present = finding["count"] > 0
-    cands = [
-        ("is there a lesion in this image?", "yes" if present else "no", "CLOSED", "PRES"),
-        ("how many lesions are there?", str(finding["count"]), "OPEN", "COUNT"),
-        ("what organ is shown in this image?", finding["organ"], "OPEN", "ORGAN"),
+def image_questions(f: Finding, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
+    """(question, answer, answer_type, question_type) that any image admits."""
+    return [
+        presence_question(f, rng),
+        ("is there more than one lesion?", "yes" if f.count > 1 else "no", "CLOSED", "COUNT"),
+        ("how many lesions are there?", str(f.count), "OPEN", "COUNT"),
+        ("what imaging modality is this?", BODY[f.body]["modality_word"], "OPEN", "MODALITY"),
+        ("which part of the body is shown?", f.body, "OPEN", "ORGAN"),
     ]
-    if present:
-        asked_side = str(rng.choice(["left", "right"]))
-        asked_size = str(rng.choice(["small", "large"]))
-        cands += [
-            (f"is the lesion on the {asked_side} side?", "yes" if asked_side == finding["side"] else "no", "CLOSED", "POS"),
-            (f"is the lesion {asked_size}?", "yes" if asked_size == finding["size"] else "no", "CLOSED", "SIZE"),
-            ("which side is the lesion on?", finding["side"], "OPEN", "POS"),
-            ("what is the size of the lesion?", finding["size"], "OPEN", "SIZE"),
-        ]
-    return cands
 
 
-def caption(finding: dict) -> str:
-    kind = "chest radiograph" if finding["organ"] == "chest" else "brain mri"
-    if not finding["count"]:
+def lesion_questions(f: Finding, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
+    """Questions that presuppose a lesion; empty for a lesion-free image."""
+    if not f.present:
+        return []
+    side, size = SIDES[int(rng.integers(2))], SIZES[int(rng.integers(2))]
+    return [
+        (f"is the lesion on the {side} side?", "yes" if side == f.side else "no", "CLOSED", "POS"),
+        (f"is the lesion {size}?", "yes" if size == f.size else "no", "CLOSED", "SIZE"),
+        ("which side is the lesion on?", f.side, "OPEN", "POS"),
+        ("what is the size of the lesion?", f.size, "OPEN", "SIZE"),
+        ("which organ contains the lesion?", LESION_ORGAN[f.body], "OPEN", "ORGAN"),
+    ]
+
+
+def choose_questions(f: Finding, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
+    groups = [image_questions(f, rng), lesion_questions(f, rng)]
+    picks = [int(g) for g in rng.integers(0, 2, size=SLOTS_PER_IMAGE)]
+    chosen = []
+    for g, group in enumerate(groups):
+        wanted = picks.count(g)
+        if group and wanted:
+            chosen += [group[int(j)] for j in rng.permutation(len(group))[:wanted]]
+    return chosen
+
+
+def caption(f: Finding) -> str:
+    kind = "Chest radiograph" if f.body == "chest" else "Brain MRI"
+    if not f.present:
         return f"{kind} with no lesion."
-    n = finding["count"]
-    noun = "lesion" if n == 1 else "lesions"
-    return f"{kind} with {COUNT_WORDS[n]} {finding['size']} {noun} in the {place(finding)}."
+    if f.count == 1:
+        return f"{kind} with a {f.size} lesion in the {f.place}."
+    return f"{kind} with {COUNT_WORDS[f.count]} {f.size} lesions in the {f.place}."
 
 
-def generate_split(out: Path, split: str, n_questions: int, size: int, seed: int) -> tuple[list, list]:
+def generate_split(out: Path, split: str, n_questions: int, size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Images of one split written to `out/images`; returns (VQA-RAD items, caption items)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    items, captions = [], []
-    image_dir = out / "images"
-    n_images = (n_questions + QUESTIONS_PER_IMAGE - 1) // QUESTIONS_PER_IMAGE
-    for i in range(n_images):
+    items: list[dict] = []
+    captions: list[dict] = []
+    while len(items) < n_questions:
         finding = sample_finding(rng)
-        name = f"synpic_{split}_{i:05d}.png"
-        Image.fromarray(draw(finding, size, rng), mode="L").save(image_dir / name, optimize=False)
+        name = f"synpic_{split}_{len(captions):05d}.png"
+        Image.fromarray(draw(finding, size, rng), mode="L").save(out / "images" / name)
         captions.append({"image": name, "caption": caption(finding)})
-        cands = questions(finding, rng)
-        for j in rng.permutation(len(cands))[:QUESTIONS_PER_IMAGE]:
-            if len(items) == n_questions:
-                break
-            question, answer, answer_type, question_type = cands[int(j)]
+        for question, answer, answer_type, question_type in choose_questions(finding, rng)[: n_questions - len(items)]:
             items.append({
-                "qid": len(items), "image_name": name, "image_organ": finding["organ"].upper(),
-                "answer": answer, "answer_type": answer_type, "question_type": question_type,
-                "question": question, "phrase_type": "test_freeform" if split == "test" else "freeform",
-                "modality": "XR" if finding["organ"] == "chest" else "MRI",
+                "qid": len(items),
+                "image_name": name,
+                "image_organ": BODY[finding.body]["organ"],
+                "answer": answer,
+                "answer_type": answer_type,
+                "question_type": question_type,
+                "question": question,
+                "phrase_type": "test_freeform" if split == "test" else "freeform",
+                "modality": BODY[finding.body]["modality"],
             })
     return items, captions
 
 
 def generate(out: str | Path, n_train: int = 2000, n_test: int = 300, image_size: int = 64, seed: int = 0) -> Path:
+    """Write the dataset to `out`: n_train / n_test questions (about 2.6 per image)."""
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}: both splits need at least one question")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size}: lesions need at least 16 pixels to stay visible")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
         items, caps = generate_split(out, split, n, image_size, seed)
-        (out / f"{split}set.json").write_text(json.dumps(items, indent=1))
-        (out / f"captions_{split}.json").write_text(json.dumps(caps, indent=1))
+        (out / f"{split}set.json").write_text(json.dumps(items, indent=1) + "\n")
+        (out / f"captions_{split}.json").write_text(json.dumps(caps, indent=1) + "\n")
     return out
 
 
 def corpus(root: str | Path) -> list[str]:
     """Every text the demo tokenizer must know: prompts, questions, answers, captions."""
     root = Path(root)
-    texts = [WRAPPER, CAPTION_INSTRUCTION, REPORT_INSTRUCTION, *VQA_INSTRUCTIONS.values()]
+    texts = [WRAPPER.format(task=task, instruction="") for task in TASKS]
+    texts += [*CAPTION_INSTRUCTIONS, *REPORT_INSTRUCTIONS, EXPERT_PREFIX]
+    texts += [template.format(q="") for template in VQA_INSTRUCTIONS.values()]
     for split in ("train", "test"):
         for item in json.loads((root / f"{split}set.json").read_text()):
             texts += [item["question"], item["answer"]]
@@ -148,15 +240,15 @@ def corpus(root: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic radiology VQA dataset")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=300)
+    parser = argparse.ArgumentParser(description="Write the synthetic radiology VQA dataset (VQA-RAD format)")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--n-train", type=int, default=2000, help="training questions")
+    parser.add_argument("--n-test", type=int, default=300, help="test questions")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     generate(args.out, args.n_train, args.n_test, args.image_size, args.seed)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}: trainset.json ({args.n_train}), testset.json ({args.n_test}), captions_*.json, images/")
 
 
 if __name__ == "__main__":

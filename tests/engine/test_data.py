@@ -1,155 +1,224 @@
-import hashlib
-import json
-from collections import Counter
-from pathlib import Path
+"""Prompts, the demo tokenizer, the dataset and collate: label masking, image span, one BOS,
+truncation, bad samples, generation batches."""
 
-import numpy as np
+import json
+import random
+
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 from engine.data import synthetic
-from engine.data.collate import VLMDataset, collate, generation_batch
-from engine.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, dicom_to_uint8, load_image
-from engine.data.prompts import build_prompt
-from engine.data.readers import DataError, read_dataset
+from engine.data.collate import (
+    IGNORE_INDEX,
+    VLMDataset,
+    collate,
+    encode_answer,
+    encode_prompt,
+    generation_batch,
+    prompt_for_generation,
+)
+from engine.data.images import load_image
+from engine.data.prompts import CAPTION_INSTRUCTIONS, build_prompt
+from engine.data.readers import Sample, read_dataset
 from engine.data.tokenizer import build_demo_tokenizer, load_tokenizer
+
+N_IMG = 5
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    synthetic.generate(root, n_train=90, n_test=30, image_size=32, seed=3)
+    synthetic.generate(root, n_train=60, n_test=12, image_size=32, seed=3)
     build_demo_tokenizer(synthetic.corpus(root), root / "tokenizer")
     return root
 
 
-def digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
+@pytest.fixture(scope="module")
+def tok(demo):
+    return load_tokenizer(demo / "tokenizer")
 
 
-def test_generator_is_deterministic(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    synthetic.generate(a, n_train=30, n_test=9, image_size=32, seed=7)
-    synthetic.generate(b, n_train=30, n_test=9, image_size=32, seed=7)
-    assert digest(a) == digest(b)
-    synthetic.generate(tmp_path / "c", n_train=30, n_test=9, image_size=32, seed=8)
-    assert digest(a) != digest(tmp_path / "c")
+@pytest.fixture(scope="module")
+def samples(demo):
+    return read_dataset("vqa_rad", demo, "train")
 
 
-def test_answers_are_balanced(tmp_path):
-    synthetic.generate(tmp_path, n_train=1500, n_test=3, image_size=16, seed=0)
-    items = json.loads((tmp_path / "trainset.json").read_text())
-    closed = Counter(i["answer"] for i in items if i["answer_type"] == "CLOSED")
-    assert 0.4 < closed["yes"] / sum(closed.values()) < 0.6
-    open_ = Counter(i["answer"] for i in items if i["answer_type"] == "OPEN")
-    assert open_.most_common(1)[0][1] / sum(open_.values()) < 0.3
-
-
-def test_labels_cover_exactly_the_answer(demo):
-    tok = load_tokenizer(demo / "tokenizer")
-    samples = read_dataset("vqa_rad", demo, "train")
-    ds = VLMDataset(samples, tok, image_size=32, n_image_tokens=4, max_length=96)
-    item = ds[0]
-    labelled = item["labels"][item["labels"] != -100].tolist()
-    assert tok.decode(labelled[:-1]) == samples[0].answer.lower()
-    assert labelled[-1] == tok.eos_token_id
-    assert int(item["image_token_mask"].sum()) == 4
-    assert item["input_ids"].tolist().count(tok.bos_token_id) == 1 and item["input_ids"][0] == tok.bos_token_id
-    # the image span sits between "<img>" and "</img>"
-    first = int(item["image_token_mask"].nonzero()[0])
-    assert tok.decode(item["input_ids"][first - 1 : first].tolist()).strip() == ">"
-
-
-def test_collate_pads_and_counts_bad_samples(demo, tmp_path):
-    tok = load_tokenizer(demo / "tokenizer")
-    samples = read_dataset("vqa_rad", demo, "train")[:3]
-    samples[1].image_path = str(tmp_path / "missing.png")
-    ds = VLMDataset(samples, tok, image_size=32, n_image_tokens=4, max_length=96)
-    items = [ds[i] for i in range(3)]
-    assert "missing.png" in items[1]["bad"]
-    batch = collate(items, tok.pad_token_id)
-    assert batch["n_bad"] == 1 and batch["input_ids"].shape[0] == 2
-    lengths = batch["attention_mask"].sum(1)
-    for row, n in enumerate(lengths.tolist()):
-        assert (batch["labels"][row, n:] == -100).all() and (batch["input_ids"][row, n:] == tok.pad_token_id).all()
-    gen = generation_batch([VLMDataset(samples, tok, image_size=32, n_image_tokens=4, train=False)[0]], tok.pad_token_id)
-    assert gen["image_token_mask"].sum() == 4
-
-
-def test_unreadable_image_error_names_file(tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not a png")
-    with pytest.raises(ImageLoadError, match="broken.png"):
-        load_image(bad, 16)
-
-
-def test_prompt_too_long_is_a_bad_sample(demo):
-    tok = load_tokenizer(demo / "tokenizer")
-    samples = read_dataset("vqa_rad", demo, "train")[:1]
-    item = VLMDataset(samples, tok, image_size=32, n_image_tokens=64, max_length=40)[0]
-    assert "max_length" in item["bad"]
-
-
-def test_short_prompt_draw_is_seeded():
-    import random
-
-    a = [build_prompt("vqa", "q?", rng=random.Random(5), short_prompt_prob=0.5) for _ in range(1)]
-    b = [build_prompt("vqa", "q?", rng=random.Random(5), short_prompt_prob=0.5) for _ in range(1)]
-    assert a == b
+def test_minigptv2_prompt_text():
     assert build_prompt("vqa", "is it?") == (
         "<s>[INST] <Img><ImageHere></Img> [vqa] Based on the image, respond to this question with a short answer: is it? [/INST]"
     )
+    assert build_prompt("vqa", "is it?", "expert").startswith(
+        "<s>[INST] <Img><ImageHere></Img> [vqa] You are an expert radiologist evaluating the case,"
+    )
+    assert build_prompt("vqa", "is it?", rng=random.Random(0), short_prompt_prob=1.0) == (
+        "<s>[INST] <Img><ImageHere></Img> [vqa] is it? [/INST]"
+    )
+    assert build_prompt("caption") == f"<s>[INST] <Img><ImageHere></Img> [caption] {CAPTION_INSTRUCTIONS[0]} [/INST]"
+    assert "[report]" in build_prompt("report")
+    with pytest.raises(ValueError, match="prompt template 'nope'"):
+        build_prompt("vqa", "q", "nope")
+    with pytest.raises(ValueError, match="task 'chat'"):
+        build_prompt("chat", "q")
 
 
-def test_readers_and_their_errors(tmp_path):
-    (tmp_path / "images").mkdir()
-    vqa = [{"qid": 1, "image_name": "a.jpg", "image_organ": "HEAD", "answer": "yes", "answer_type": "CLOSED",
-            "question_type": "PRES", "question": "q?", "phrase_type": "test_freeform"},
-           {"qid": 2, "image_name": "b.jpg", "image_organ": "CHEST", "answer": "no", "answer_type": "CLOSED",
-            "question_type": "PRES", "question": "q?", "phrase_type": "freeform"}]
-    (tmp_path / "vqa_rad.json").write_text(json.dumps(vqa))
-    assert [s.meta["qid"] for s in read_dataset("vqa_rad", tmp_path / "vqa_rad.json", "test")] == [1]
-    assert [s.meta["qid"] for s in read_dataset("vqa_rad", tmp_path / "vqa_rad.json", "train")] == [2]
-    slake = [{"img_name": "x/source.jpg", "question": "q", "answer": "a", "q_lang": "en", "answer_type": "OPEN"},
-             {"img_name": "x/source.jpg", "question": "问", "answer": "答", "q_lang": "zh", "answer_type": "OPEN"}]
-    (tmp_path / "train.json").write_text(json.dumps(slake))
-    assert len(read_dataset("slake", tmp_path, "train")) == 1
-    (tmp_path / "caps.json").write_text(json.dumps([{"image": "r.jpg", "caption": "a chest"}]))
-    assert read_dataset("caption", tmp_path / "caps.json")[0].task == "caption"
-    (tmp_path / "captions.txt").write_text("ROCO_00002\tA CT scan.\n")
-    assert read_dataset("roco", tmp_path)[0].image_path.endswith("ROCO_00002.jpg")
-    (tmp_path / "annotation.json").write_text(json.dumps({"train": [{"id": "x", "report": "normal.", "image_path": ["1.png", "2.png"]}]}))
-    assert read_dataset("iu_xray", tmp_path, "train")[0].image_path.endswith("1.png")
-
-    (tmp_path / "broken.json").write_text('[{"image": "a.jpg",\n "caption": }]')
-    with pytest.raises(DataError, match=r"broken.json: malformed JSON at line 2"):
-        read_dataset("caption", tmp_path / "broken.json")
-    (tmp_path / "nofield.json").write_text(json.dumps([{"image": "a.jpg"}]))
-    with pytest.raises(DataError, match="nofield.json: item 0 has no field 'caption'"):
-        read_dataset("caption", tmp_path / "nofield.json")
-    with pytest.raises(DataError, match="file not found"):
-        read_dataset("vqa_rad", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="unknown dataset kind"):
-        read_dataset("mimic", tmp_path)
+def test_short_prompt_is_drawn_with_its_probability_and_seed():
+    draws = [build_prompt("vqa", "q?", rng=random.Random(i), short_prompt_prob=0.3) for i in range(2000)]
+    short = sum(d.endswith("[vqa] q? [/INST]") for d in draws) / len(draws)
+    assert 0.26 < short < 0.34
+    again = [build_prompt("vqa", "q?", rng=random.Random(i), short_prompt_prob=0.3) for i in range(2000)]
+    assert draws == again
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
-def test_dicom_window_from_header(name):
-    pydicom = pytest.importorskip("pydicom")
-    path = pydicom.data.get_testdata_file(name)
-    ds = pydicom.dcmread(path)
-    raw = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
-    if "WindowCenter" in ds:
-        c = float(ds.WindowCenter[0]) if ds["WindowCenter"].VM > 1 else float(ds.WindowCenter)
-        w = float(ds.WindowWidth[0]) if ds["WindowWidth"].VM > 1 else float(ds.WindowWidth)
-        lo, hi = c - w / 2, c + w / 2
-    else:
-        lo, hi = raw.min(), raw.max()
-    expected = np.round((np.clip(raw, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)
-    assert np.array_equal(dicom_to_uint8(path), expected)
-    x = load_image(path, 24)
-    assert x.shape == (3, 24, 24)
-    lowest = (0 - CLIP_MEAN[0]) / CLIP_STD[0]
-    assert float(x.min()) >= lowest - 1e-5
+def test_demo_tokenizer_loads_with_autotokenizer_offline(demo):
+    tok = AutoTokenizer.from_pretrained(str(demo / "tokenizer"), local_files_only=True)
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id}) == 4
+    ids = tok("<Img><ImageHere></Img>", add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<ImageHere>")) == 1 and tok.unk_token_id not in ids
+    config = json.loads((demo / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 1024
+    # like LLaMA's, it adds BOS itself when asked for special tokens
+    assert tok("is there a lesion?")["input_ids"][0] == tok.bos_token_id
+
+
+def test_demo_tokenizer_knows_every_prompt_word(tok, demo):
+    questions = [s.question for s in read_dataset("vqa_rad", demo, "test")]
+    for task in ("vqa", "caption", "report"):
+        for template in ("minigptv2", "expert", "short"):
+            for instruction_draw in range(8):
+                prompt = build_prompt(task, questions[0], template, random.Random(instruction_draw), 0.5)
+                ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                assert tok.unk_token_id not in ids, prompt
+                assert tok.convert_tokens_to_ids(task) in ids  # the task tag is a word of its own
+    for text in questions + [c.answer for c in read_dataset("caption", demo, "test")]:
+        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_load_tokenizer_errors_and_pad_fallback(demo, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        load_tokenizer(tmp_path / "none")
+    folder = tmp_path / "nopad"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((demo / "tokenizer" / name).read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.pad_token == "<unk>"
+
+
+def test_labels_cover_exactly_the_answer_and_eos(tok, samples):
+    ds = VLMDataset(samples, tok, 32, N_IMG, "minigptv2", 128, 0, True)
+    for i in range(10):
+        item = ds[i]
+        ids, labels = item["input_ids"], item["labels"]
+        target = labels != IGNORE_INDEX
+        # the labelled tokens are a suffix: the answer then EOS
+        assert target.nonzero().min() == len(ids) - int(target.sum())
+        assert tok.decode(labels[target].tolist()) == f"{samples[i].answer.lower()} </s>"
+        assert torch.equal(labels[target], ids[target])
+
+
+def test_image_span_and_one_bos(tok, samples):
+    ds = VLMDataset(samples, tok, 32, N_IMG, "minigptv2", 128, 0, True)
+    item = ds[0]
+    ids, mask = item["input_ids"].tolist(), item["image_token_mask"]
+    assert int(mask.sum()) == N_IMG
+    where = mask.nonzero().flatten().tolist()
+    assert where == list(range(where[0], where[0] + N_IMG))  # one contiguous span
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    # Reference: the tokenizer on the whole text, with the image span cut out, gives the same ids.
+    text = ds.prompt(0).replace("<ImageHere>", " ") + " " + samples[0].answer + "</s>"
+    reference = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[: where[0]] + ids[where[-1] + 1:] == reference
+    assert tok.convert_ids_to_tokens(ids[where[0] - 1]) == ">" and tok.convert_ids_to_tokens(ids[where[-1] + 1]) == "</"
+
+
+def test_answer_ids_follow_the_prompt_with_a_byte_level_tokenizer(tmp_path):
+    """Byte-level BPE folds the space into the answer's first token: decoding the whole sequence
+    must give back the text, and the answer ids must decode to ' answer'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = ["[INST] <Img></Img> [vqa] how many lesions? [/INST] three", "yes no left right"] * 5
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>", "<ImageHere>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+                                  additional_special_tokens=["<ImageHere>"])
+    answer = encode_answer(tok, "</Img> [vqa] how many lesions? [/INST]", "three")
+    assert answer[-1] == tok.eos_token_id
+    assert tok.decode(answer[:-1]) == " three"
+    assert tok.decode(tok(" three", add_special_tokens=False)["input_ids"]) == " three"
+    ids, mask = encode_prompt(tok, "<s>[INST] <Img><ImageHere></Img> [vqa] how many lesions? [/INST]", 3)
+    kept = [t for t, m in zip(ids, mask) if not m]
+    assert tok.decode(kept + answer) == "<s>[INST] <Img></Img> [vqa] how many lesions? [/INST] three</s>"
+
+
+def test_truncation_cuts_the_answer_never_the_prompt(tok, demo):
+    caption = read_dataset("caption", demo, "train")[:1]
+    # the training prompt draws its caption instruction from a seeded pool: measure that one
+    prompt_len = len(encode_prompt(tok, VLMDataset(caption, tok, 32, N_IMG).prompt(0), N_IMG)[0])
+    item = VLMDataset(caption, tok, 32, N_IMG, max_length=prompt_len + 3)[0]
+    assert len(item["input_ids"]) == prompt_len + 3
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    full = tok(" " + caption[0].answer, add_special_tokens=False)["input_ids"]
+    assert labelled == full[:3]
+    assert int(item["image_token_mask"].sum()) == N_IMG
+    bad = VLMDataset(caption, tok, 32, N_IMG, max_length=prompt_len)[0]
+    assert "max_length" in bad["bad"] and bad["index"] == 0 and caption[0].image_path in bad["bad"]
+
+
+def test_collate_pads_right_and_counts_bad_samples(tok, samples, tmp_path):
+    chosen = [Sample(s.image_path, s.prompt_kind, s.question, s.answer, dict(s.meta)) for s in samples[:4]]
+    chosen[1].image_path = str(tmp_path / "missing.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    chosen[3].image_path = str(broken)
+    ds = VLMDataset(chosen, tok, 32, N_IMG, max_length=128)
+    items = [ds[i] for i in range(4)]
+    assert items[1]["bad"].startswith(str(tmp_path / "missing.png")) and "not found" in items[1]["bad"]
+    assert "broken.png" in items[3]["bad"]
+    batch = collate(items, tok.pad_token_id)
+    assert batch["n_bad"] == 2 and len(batch["bad"]) == 2
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["image_token_mask"].dtype == torch.bool and batch["labels"].dtype == torch.long
+    assert batch["image_token_mask"].sum(1).tolist() == [N_IMG, N_IMG]
+    for row, source in enumerate((items[0], items[2])):
+        n = len(source["input_ids"])
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert torch.equal(batch["input_ids"][row, :n], source["input_ids"])
+        assert (batch["input_ids"][row, n:] == tok.pad_token_id).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+    torch.testing.assert_close(batch["pixel_values"][1], load_image(chosen[2].image_path, 32))
+    assert collate([items[1]], tok.pad_token_id) == {"n_bad": 1, "bad": [items[1]["bad"]]}
+
+
+def test_generation_batches_are_left_padded(tok, samples):
+    ds = VLMDataset(samples, tok, 32, N_IMG, train=False)
+    long_q = Sample(samples[0].image_path, "vqa", "which organ contains the lesion in this image?", "lung")
+    items = [ds[0], VLMDataset([long_q], tok, 32, N_IMG, train=False)[0]]
+    assert "labels" not in items[0]
+    batch = generation_batch(items, tok.pad_token_id)
+    last = tok.convert_tokens_to_ids("]")
+    assert (batch["input_ids"][:, -1] == last).all()  # every prompt ends with [/INST] at the right edge
+    assert batch["image_token_mask"].sum(1).tolist() == [N_IMG, N_IMG]
+    short = len(items[0]["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [0] * (batch["input_ids"].shape[1] - short) + [1] * short
+    prompts = [build_prompt("vqa", samples[0].question), build_prompt("vqa", long_q.question)]
+    again = prompt_for_generation(tok, batch["pixel_values"], prompts, N_IMG)
+    for key in ("input_ids", "attention_mask", "image_token_mask"):
+        assert torch.equal(again[key], batch[key])
+
+
+def test_prompt_draw_is_reproducible_and_varies_by_epoch(tok, samples):
+    a = VLMDataset(samples, tok, 32, N_IMG, seed=1, short_prompt_prob=0.5)
+    b = VLMDataset(samples, tok, 32, N_IMG, seed=1, short_prompt_prob=0.5)
+    first = [a.prompt(i) for i in range(len(samples))]
+    assert first == [b.prompt(i) for i in range(len(samples))]
+    assert 0 < sum("[vqa] Based" in p for p in first) < len(first)
+    a.set_epoch(1)
+    assert [a.prompt(i) for i in range(len(samples))] != first
