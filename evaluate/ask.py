@@ -1,70 +1,84 @@
-"""Ask one question about one image with a trained checkpoint.
+"""Ask one question about one image with a trained checkpoint, or have it write a report.
 
-    python -m evaluate.ask --checkpoint runs/demo --image scan.png --question "Is there a lesion?"
+    python -m evaluate.ask --checkpoint runs/demo --image scan.png --question "is there a lesion?"
     python -m evaluate.ask --checkpoint runs/demo --image ct.dcm --report
 
-PNG, JPEG and DICOM are read (DICOM through pydicom, windowed with the center and width from
-its header). The checkpoint's `config.yaml` names the base model; `--report` writes a report
-with the `[report]` prompt instead of answering a question. Errors (a missing checkpoint
-file, an unreadable image) are one line on stderr and exit code 2.
+`--checkpoint` is a `step_N` folder or a run's output_dir (its latest checkpoint); the
+checkpoint's `config.yaml` names the base model unless `--config` is given. PNG, JPEG and DICOM
+are read by `engine/data/images.py` (DICOM through pydicom: modality rescale, then the window
+centre and width from its header). The prompt is the evaluation template (`eval.prompt`, or
+`--prompt`); the answer is extracted from the reply by `evaluate/answers.py` (a question opening
+with "is", "does", "can", ... counts as a closed yes/no question), while `--report`
+uses the `[report]` prompt and prints the whole report. A missing checkpoint file or an
+unreadable image is one line on stderr, naming the file, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-import torch
-
-from engine.config import load_config
-from engine.data.collate import encode_prompt, generation_batch
-from engine.data.images import ImageLoadError, load_image
+from engine.build import n_image_tokens
+from engine.data.collate import prompt_for_generation
+from engine.data.images import load_image
 from engine.data.prompts import build_prompt
-from evaluate.answers import extract_answer
-from evaluate.run import load_model_for_eval, resolve_checkpoint
+from evaluate.answers import clean_reply, extract_answer, guess_answer_type
+from evaluate.run import (
+    USER_ERRORS,
+    decode_batch,
+    eval_template,
+    load_eval_config,
+    load_model_for_eval,
+    resolve_checkpoint,
+    resolve_device,
+    stop_token_ids,
+)
 
 
-def ask(checkpoint: str, image: str, question: str | None, *, report: bool = False, device: str = "cpu",
-        max_new_tokens: int | None = None, overrides: list[str] = ()) -> str:
-    path = resolve_checkpoint(checkpoint)
-    cfg = load_config(path / "config.yaml", list(overrides))
+def ask(checkpoint: str | Path, image: str | Path, question: str | None = None, *, report: bool = False,
+        config: str | Path | None = None, prompt: str | None = None, device: str | None = None,
+        max_new_tokens: int | None = None, overrides: Sequence[str] = ()) -> str:
+    """The answer to `question` about `image` (or, with `report`, the report it writes)."""
+    if not report and not (question and question.strip()):
+        raise ValueError("give a question, or ask for a report")
+    folder = resolve_checkpoint(checkpoint)
+    cfg = load_eval_config(folder, config, overrides)
+    # Read the image before building the model, so a bad file fails in a second.
     pixels = load_image(image, cfg.model.image_size)
-    model, tokenizer = load_model_for_eval(cfg, path, device)
     task = "report" if report else "vqa"
-    from engine.build import n_image_tokens
-
-    ids, mask = encode_prompt(tokenizer, build_prompt(task, question, cfg.data.template), n_image_tokens(cfg))
-    batch = generation_batch(
-        [{"pixel_values": pixels, "input_ids": torch.tensor(ids), "image_token_mask": torch.tensor(mask), "index": 0}],
-        tokenizer.pad_token_id,
-    )
-    with torch.no_grad():
-        tokens = model.generate(
-            batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            batch["image_token_mask"].to(device), max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    reply = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
-    return reply.strip() if report else extract_answer(reply)
+    text = build_prompt(task, None if report else question.strip(), eval_template(cfg, prompt))
+    run_device = resolve_device(cfg, device)
+    model, tokenizer = load_model_for_eval(cfg, folder, run_device)
+    batch = prompt_for_generation(tokenizer, pixels[None], [text], n_image_tokens(cfg))
+    reply = decode_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+                         device=run_device, stop_ids=stop_token_ids(tokenizer))[0]
+    return clean_reply(reply) if report else extract_answer(reply, guess_answer_type(question), question)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Answer one question about one image")
+    parser = argparse.ArgumentParser(description="Answer one question about one image (PNG, JPEG or DICOM)")
     parser.add_argument("--checkpoint", required=True, help="a step_N folder or a run's output_dir")
-    parser.add_argument("--image", required=True, help="PNG, JPEG or DICOM")
+    parser.add_argument("--image", required=True, help="PNG, JPEG or DICOM (.dcm)")
     parser.add_argument("--question")
     parser.add_argument("--report", action="store_true", help="write a report instead of answering")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--config", help="run config (default: the checkpoint's config.yaml)")
+    parser.add_argument("--prompt", help="prompt variant (default: eval.prompt of the config)")
+    parser.add_argument("--device", help="cpu or cuda (default: train.device of the config)")
+    parser.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.tokenizer=/models/llama/")
     args = parser.parse_args(argv)
-    if not args.report and not args.question:
-        parser.error("give --question, or --report")
+    if args.report == bool(args.question):
+        parser.error("give either --question or --report")
     try:
-        print(ask(args.checkpoint, args.image, args.question, report=args.report, device=args.device,
-                  max_new_tokens=args.max_new_tokens))
-    except (FileNotFoundError, ImageLoadError, ValueError) as e:
+        answer = ask(args.checkpoint, args.image, args.question, report=args.report, config=args.config,
+                     prompt=args.prompt, device=args.device, max_new_tokens=args.max_new_tokens,
+                     overrides=args.overrides)
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(answer)
     return 0
 
 

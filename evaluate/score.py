@@ -1,215 +1,157 @@
-"""Score predictions in every paper's own way, side by side (no model needed).
+"""Score predictions the way each paper scores them, side by side (no model needed).
 
-    python -m evaluate.score --predictions preds.jsonl --out DIR [--llava-med-compat]
+    python -m evaluate.score --predictions preds.jsonl [--references refs.json] --out DIR
+        [--judge] [--judge-config judge.yaml] [--llava-med-compat] [--no-meteor]
 
-Each line of the predictions file (as `evaluate.run` writes it) holds `question`, `answer`
-(the reference), `prediction`, `answer_type` (CLOSED / OPEN) and metadata (`question_type`,
-`organ`, `modality`). Reported:
-- PeFoMed: VQA-normalized exact match, CLOSED / OPEN / overall, and per question type, organ and
-  modality (`evaluate/exact_match.py`);
-- LLaVA-Med: open token recall and closed yes/no accuracy, with its counting bug fixed unless
-  `--llava-med-compat` (`evaluate/llava_med.py`);
-- Med-Idefics: containment exact match, token F1, BLEU-1 (`evaluate/med_idefics.py`);
-- for items with `task: report`, pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr
-  (`evaluate/report_metrics.py`).
-Writes `metrics.json`, `report.md` and PNG bar charts per answer type and per modality.
+The predictions file is described in `evaluate/predictions.py`. VQA items (`task` "vqa", the
+default) get:
+- PeFoMed: its VQA normalization, then strict equality; CLOSED / OPEN / overall and per
+  question_type, organ and modality (`evaluate/metrics/vqa.py`);
+- LLaVA-Med: open token recall and closed yes/no accuracy, their counting bug fixed unless
+  `--llava-med-compat` (`evaluate/metrics/llava_med.py`);
+- Med-Idefics: containment exact match, token-set F1, BLEU-1 (`evaluate/metrics/med_idefics.py`).
+Report items (`task: report`) get BLEU-1..4, METEOR, ROUGE-L and CIDEr-D computed as pycocoevalcap
+does (`evaluate/metrics/report_metrics.py`). `--judge` adds PeFoMed's GPT judge
+(`evaluate/judge.py`; the API key comes from the environment).
+
+Writes to DIR: `metrics.json`, `report.md`, `accuracy_by_answer_type.png`,
+`accuracy_by_modality.png` (when items carry a modality) and `scored_items.jsonl` (each item with
+its per-scorer results). Python callers use `score_predictions(items, ...)` (metrics only) or
+`score_items(items, ...)` (metrics and per-item results) and `evaluate.report.write_outputs`.
+Bad input exits with code 2 and a message naming the file, line and field.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from evaluate.exact_match import vqa_accuracy
-from evaluate.llava_med import llava_med_scores
-from evaluate.med_idefics import med_idefics_scores
+from evaluate.judge import JudgeConfig, JudgeError, load_judge_config, run_judge
+from evaluate.metrics.llava_med import closed_hit, llava_med_scores, open_recall
+from evaluate.metrics.med_idefics import med_idefics_item, med_idefics_scores
+from evaluate.metrics.report_metrics import report_metrics
+from evaluate.metrics.vqa import answer_type_of, references_of, vqa_accuracy
+from evaluate.predictions import (
+    PredictionsError,
+    read_predictions,
+    validate_items,
+    write_predictions,
+)
+from evaluate.report import write_charts, write_outputs, write_report
 
-REQUIRED = ("answer", "prediction")
-
-
-def read_predictions(path: str | Path, references: str | Path | None = None) -> list[dict]:
-    """Predictions (JSON lines); `references` (qid -> answer or list) fills in missing answers."""
-    refs = json.loads(Path(references).read_text()) if references else {}
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: predictions file not found")
-    items = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
-        if "answer" not in item and str(item.get("qid")) in refs:
-            item["answer"] = refs[str(item["qid"])]
-        missing = [k for k in REQUIRED if k not in item]
-        if missing:
-            raise ValueError(f"{path}: line {line_no} has no field {missing[0]!r}")
-        items.append(item)
-    return items
+__all__ = [
+    "main",
+    "read_predictions",
+    "score_file",
+    "score_items",
+    "score_predictions",
+    "write_charts",
+    "write_outputs",
+    "write_report",
+]
 
 
-def score_predictions(items: list[dict], llava_med_compat: bool = False) -> dict:
-    """VQA items get the three papers' VQA scores; `task: report` items the report metrics."""
-    reports = [it for it in items if it.get("task") == "report"]
-    vqa = [it for it in items if it.get("task") != "report"]
-    metrics = {}
+def _per_item(item: dict, exact: bool | None, compat: bool) -> dict:
+    if item["task"] == "report":
+        return {}
+    reference = references_of(item)[0]
+    idefics = med_idefics_item(item["prediction"], reference)
+    scores: dict = {"pefomed_exact_match": exact, **{f"med_idefics_{k}": v for k, v in idefics.items()}}
+    if answer_type_of(item) == "OPEN":
+        scores["llava_med_open_recall"] = open_recall(item["prediction"], reference)
+    elif answer_type_of(item) == "CLOSED":
+        scores["llava_med_closed_hit"] = closed_hit(item["prediction"], reference, compat)
+    return scores
+
+
+def score_items(items: Sequence[dict], *, llava_med_compat: bool = False, judge: JudgeConfig | None = None,
+                report_tokenizer: str = "auto", with_meteor: bool = True) -> tuple[dict, list[dict]]:
+    """(metrics, per-item results) for predictions items (see `evaluate/predictions.py`)."""
+    items = validate_items(list(items))
+    vqa = [it for it in items if it["task"] == "vqa"]
+    reports = [it for it in items if it["task"] == "report"]
+    metrics: dict = {"n_items": len(items), "n_vqa": len(vqa), "n_report": len(reports)}
+    exact_by_item: list[bool | None] = [None] * len(items)
     if vqa:
-        # LLaVA-Med's and Med-Idefics' scorers take one reference: the first when there are several.
-        first = [{**it, "answer": it["answer"][0]} if isinstance(it["answer"], list) else it for it in vqa]
-        metrics.update({
-            "pefomed_exact_match": vqa_accuracy(vqa),
-            "llava_med": llava_med_scores(first, compat=llava_med_compat),
-            "med_idefics": med_idefics_scores(first),
-        })
+        pefomed = vqa_accuracy(vqa)
+        hits = iter(pefomed.pop("correct"))
+        exact_by_item = [next(hits) if it["task"] == "vqa" else None for it in items]
+        metrics.update({"pefomed_exact_match": pefomed,
+                        "llava_med": llava_med_scores(vqa, compat=llava_med_compat),
+                        "med_idefics": med_idefics_scores(vqa)})
     if reports:
-        from evaluate.report_metrics import report_metrics
+        metrics["report_metrics"] = report_metrics([it["prediction"] for it in reports],
+                                                   [references_of(it) for it in reports],
+                                                   tokenizer=report_tokenizer, with_meteor=with_meteor)
+    per_item = [{**it, "scores": _per_item(it, hit, llava_med_compat)} for it, hit in zip(items, exact_by_item)]
+    if judge is not None:
+        judged = run_judge(items, judge, exact=[bool(h) for h in exact_by_item])
+        for row, verdict in zip(per_item, judged.pop("verdicts")):
+            row["scores"]["judge"] = verdict
+        metrics["judge"] = judged
+    return metrics, per_item
 
-        refs = [it["answer"] if isinstance(it["answer"], list) else [it["answer"]] for it in reports]
-        metrics["report_metrics"] = report_metrics([it["prediction"] for it in reports], refs)
+
+def score_predictions(items: Sequence[dict], llava_med_compat: bool = False, *, judge: JudgeConfig | None = None,
+                      report_tokenizer: str = "auto", with_meteor: bool = True) -> dict:
+    """The metrics dict (what metrics.json holds) for predictions items."""
+    return score_items(items, llava_med_compat=llava_med_compat, judge=judge, report_tokenizer=report_tokenizer,
+                       with_meteor=with_meteor)[0]
+
+
+def score_file(predictions: str | Path, out: str | Path, *, references: str | Path | None = None,
+               llava_med_compat: bool = False, judge: JudgeConfig | None = None, report_tokenizer: str = "auto",
+               with_meteor: bool = True) -> dict:
+    """Read, score and write every output under `out`; returns the metrics."""
+    items = read_predictions(predictions, references)
+    metrics, per_item = score_items(items, llava_med_compat=llava_med_compat, judge=judge,
+                                    report_tokenizer=report_tokenizer, with_meteor=with_meteor)
+    write_outputs(metrics, out)
+    write_predictions(Path(out) / "scored_items.jsonl", per_item)
     return metrics
 
 
-def _fmt(value) -> str:
-    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
+def _summary_line(metrics: dict) -> str:
+    from evaluate.report import fmt
 
-
-def write_report(metrics: dict, out: Path) -> None:
-    lines = _vqa_lines(metrics) if "pefomed_exact_match" in metrics else []
+    parts = []
+    if "pefomed_exact_match" in metrics:
+        pe = metrics["pefomed_exact_match"]
+        parts.append(f"exact match closed {fmt(pe['closed'])} open {fmt(pe['open'])} overall {fmt(pe['overall'])}")
     if "report_metrics" in metrics:
         rep = metrics["report_metrics"]
-        names = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"]
-        lines += ["# Report metrics (pycocoevalcap)", "", f"{rep['n']} reports, tokenizer: {rep['tokenizer']}.", "",
-                  "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
-                  "| " + " | ".join("failed" if rep[k] is None else f"{rep[k]:.4f}" for k in names) + " |", ""]
-        if rep.get("meteor_error"):
-            lines += [rep["meteor_error"], ""]
-    if "judge" in metrics:
-        lines += _judge_lines(metrics["judge"])
-    (out / "report.md").write_text("\n".join(lines))
-
-
-def _judge_lines(judge: dict) -> list[str]:
-    lines = [f"# GPT judge ({judge['model']})", ""]
-    if "vqa" in judge:
-        v = judge["vqa"]
-        lines += [f"VQA judge accuracy {_fmt(v['judge_accuracy'])} over {v['n_scored']} items "
-                  f"({v['n_unparseable']} unparseable replies, not scored).", ""]
-        t = v.get("agreement_with_exact_match")
-        if t:
-            lines += ["| | exact match 1 | exact match 0 |", "|---|---|---|",
-                      f"| judge 1 | {t['judge1_em1']} | {t['judge1_em0']} |", f"| judge 0 | {t['judge0_em1']} | {t['judge0_em0']} |", ""]
-    if "report" in judge:
-        r = judge["report"]
-        lines += [f"Report rubric: mean {_fmt(r['mean_score'])} of 4, WASM {_fmt(r['wasm'])}, histogram {r['histogram']}.", ""]
-    tok = judge["tokens"]
-    lines += [f"Tokens spent: {tok['prompt']} prompt + {tok['completion']} completion in {tok['requests']} requests.", ""]
-    return lines
-
-
-def _vqa_lines(metrics: dict) -> list[str]:
-    pe, lm, mi = metrics["pefomed_exact_match"], metrics["llava_med"], metrics["med_idefics"]
-    lines = [
-        "# VQA scores", "",
-        f"{pe['n']} items ({pe['n_closed']} closed, {pe['n_open']} open).", "",
-        "| scorer | closed | open | overall |", "|---|---|---|---|",
-        f"| PeFoMed exact match (VQA normalization) | {_fmt(pe['closed'])} | {_fmt(pe['open'])} | {_fmt(pe['overall'])} |",
-        f"| LLaVA-Med (closed yes/no acc., open recall) | {_fmt(lm['closed_accuracy'])} | {_fmt(lm['open_recall'])} | |",
-        f"| Med-Idefics containment EM | | | {_fmt(mi['containment_em'])} |",
-        f"| Med-Idefics token F1 | | | {_fmt(mi['token_f1'])} |",
-        f"| Med-Idefics BLEU-1 | | | {_fmt(mi['bleu1'])} |", "",
-        ("LLaVA-Med compat mode: wrong yes/no answers are dropped from the closed denominator, as in "
-         "their published script." if lm["compat"] else
-         "LLaVA-Med closed accuracy counts wrong yes/no answers as 0 (their script drops them; "
-         "`--llava-med-compat` reproduces that)."), "",
-    ]
-    for field in ("question_type", "organ", "modality"):
-        groups = pe.get(f"by_{field}")
-        if groups:
-            lines += [f"## By {field}", "", "| value | n | exact match |", "|---|---|---|"]
-            lines += [f"| {k} | {v['n']} | {_fmt(v['accuracy'])} |" for k, v in groups.items()] + [""]
-    return lines
-
-
-def write_charts(metrics: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if "pefomed_exact_match" not in metrics:
-        return []
-    pe = metrics["pefomed_exact_match"]
-    charts = {"answer_type": {"CLOSED": pe["closed"], "OPEN": pe["open"], "overall": pe["overall"]}}
-    if pe.get("by_modality"):
-        charts["modality"] = {k: v["accuracy"] for k, v in pe["by_modality"].items()}
-    paths = []
-    for name, values in charts.items():
-        fig, ax = plt.subplots(figsize=(4 + 0.4 * len(values), 3))
-        ax.bar(list(values), [0 if math.isnan(v) else v for v in values.values()], color="#4c72b0")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("exact match")
-        ax.set_title(f"accuracy by {name}")
-        fig.tight_layout()
-        path = out / f"accuracy_by_{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def run_judge(items: list[dict], config_path: str | None) -> dict:
-    from evaluate.exact_match import exact_match
-    from evaluate.judge import Judge, JudgeConfig, summarize
-
-    cfg = JudgeConfig()
-    if config_path:
-        import yaml
-
-        from engine.config import from_dict
-
-        cfg = from_dict(JudgeConfig, yaml.safe_load(Path(config_path).read_text()) or {}, source=config_path)
-    judge = Judge(cfg)
-    out = {"model": cfg.model}
-    vqa = [it for it in items if it.get("task") != "report"]
-    reports = [it for it in items if it.get("task") == "report"]
-    if vqa:
-        exact = [exact_match(it["prediction"], it["answer"]) for it in vqa]
-        out["vqa"] = summarize("vqa", vqa, judge.judge_all("vqa", vqa), exact)
-    if reports:
-        out["report"] = summarize("report", reports, judge.judge_all("report", reports))
-    out["tokens"] = {"prompt": judge.prompt_tokens, "completion": judge.completion_tokens, "requests": judge.requests}
-    return out
+        parts.append(f"reports BLEU-4 {fmt(rep['bleu4'])} CIDEr {fmt(rep['cider'])}")
+    if "judge" in metrics and "vqa" in metrics["judge"]:
+        parts.append(f"judge {fmt(metrics['judge']['vqa']['accuracy'])}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Score VQA predictions as PeFoMed, LLaVA-Med and Med-Idefics do")
-    parser.add_argument("--predictions", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--references", help="JSON mapping qid -> reference answer(s), for predictions without answers")
-    parser.add_argument("--llava-med-compat", action="store_true")
-    parser.add_argument("--judge", action="store_true", help="also ask the GPT judge (evaluate/judge.py)")
-    parser.add_argument("--judge-config", help="YAML with JudgeConfig fields: model, base_url, concurrency, ...")
+    parser = argparse.ArgumentParser(description="Score predictions as PeFoMed, LLaVA-Med and Med-Idefics do")
+    parser.add_argument("--predictions", required=True, help="a .jsonl file, one item per line")
+    parser.add_argument("--references", help="JSON with reference answers (and metadata) keyed by qid")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the charts")
+    parser.add_argument("--llava-med-compat", action="store_true",
+                        help="count closed answers as LLaVA-Med's published script did (drops wrong yes/no)")
+    parser.add_argument("--judge", action="store_true", help="also ask PeFoMed's GPT judge")
+    parser.add_argument("--judge-config", help="YAML of JudgeConfig fields (model, base_url, concurrency, ...)")
+    parser.add_argument("--report-tokenizer", choices=("auto", "java", "python"), default="auto",
+                        help="PTB tokenizer for report metrics: the Stanford jar (java) or its Python mirror")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it loads a 60 MB paraphrase table)")
     args = parser.parse_args(argv)
-    items = read_predictions(args.predictions, args.references)
-    metrics = score_predictions(items, args.llava_med_compat)
-    if args.judge:
-        metrics["judge"] = run_judge(items, args.judge_config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_report(metrics, out)
-    write_charts(metrics, out)
-    if "pefomed_exact_match" in metrics:
-        pe = metrics["pefomed_exact_match"]
-        print(f"closed {_fmt(pe['closed'])}  open {_fmt(pe['open'])}  overall {_fmt(pe['overall'])}")
-    if "report_metrics" in metrics:
-        rep = metrics["report_metrics"]
-        print("reports: " + "  ".join(f"{k} {rep[k]:.4f}" for k in ("bleu1", "bleu4", "rouge_l", "cider") ))
-    print(f"-> {out}")
+    try:
+        judge = load_judge_config(args.judge_config) if args.judge else None
+        if args.judge_config and not args.judge:
+            parser.error("--judge-config needs --judge")
+        metrics = score_file(args.predictions, args.out, references=args.references,
+                             llava_med_compat=args.llava_med_compat, judge=judge,
+                             report_tokenizer=args.report_tokenizer, with_meteor=not args.no_meteor)
+    except (FileNotFoundError, PredictionsError, JudgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{_summary_line(metrics)} -> {args.out}")
     return metrics
 
 

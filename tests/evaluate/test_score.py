@@ -1,64 +1,158 @@
+"""evaluate.score end to end, the predictions schema and the report writers."""
+
 import json
+import struct
+import zlib
 
 import pytest
 
-from evaluate.llava_med import closed_hit, llava_med_scores, open_recall
-from evaluate.score import main, read_predictions
+from evaluate.predictions import (
+    PredictionsError,
+    read_predictions,
+    validate_items,
+    write_predictions,
+)
+from evaluate.report import json_safe, write_outputs
+from evaluate.score import main, score_items, score_predictions
 
 ITEMS = [
-    {"question": "is it?", "answer": "yes", "prediction": "yes", "answer_type": "CLOSED", "modality": "XR"},
-    {"question": "is it?", "answer": "yes", "prediction": "no, it is not", "answer_type": "CLOSED", "modality": "XR"},
-    {"question": "is it?", "answer": "no", "prediction": "maybe", "answer_type": "CLOSED", "modality": "MRI"},
-    {"question": "where?", "answer": "left lung", "prediction": "the left side", "answer_type": "OPEN", "modality": "MRI"},
+    {"qid": 1, "question": "is it?", "answer": "yes", "prediction": "Yes.", "answer_type": "CLOSED",
+     "modality": "XR", "organ": "CHEST", "question_type": "PRES"},
+    {"qid": 2, "question": "is it?", "answer": "yes", "prediction": "no, it is not", "answer_type": "CLOSED",
+     "modality": "XR", "organ": "CHEST", "question_type": "PRES"},
+    {"qid": 3, "question": "is it?", "answer": "no", "prediction": "normal", "answer_type": "closed",
+     "modality": "MRI", "organ": "HEAD", "question_type": "ABN"},
+    {"qid": 4, "question": "where?", "answer": "left lung", "prediction": "the left lung", "answer_type": "OPEN",
+     "modality": "MRI", "organ": "CHEST", "question_type": "POS"},
+    {"qid": 5, "question": "what?", "answer": "mass", "prediction": "there is a mass", "answer_type": "OPEN",
+     "modality": "CT", "organ": "ABD", "question_type": "ABN"},
+]
+REPORTS = [
+    {"qid": "r1", "answer": "The heart size is normal. No pleural effusion.", "task": "report",
+     "prediction": "Heart size is normal, no effusion."},
+    {"qid": "r2", "answer": ["No acute cardiopulmonary process.", "Lungs are clear."], "task": "report",
+     "prediction": "No acute cardiopulmonary abnormality."},
 ]
 
 
-def test_llava_med_fix_and_compat():
-    fixed = llava_med_scores(ITEMS)
-    compat = llava_med_scores(ITEMS, compat=True)
-    assert fixed["closed_accuracy"] == pytest.approx(1 / 3)  # the wrong "no" counts as 0
-    assert compat["closed_accuracy"] == pytest.approx(1 / 2)  # their script drops it
-    assert compat["n_closed_counted"] == 2 and fixed["n_closed_counted"] == 3
-    assert open_recall("the left side", "left lung") == 0.5
-    assert open_recall("left left", "left lung") == pytest.approx(2 / 3)  # tp counts the prediction's repeats
-    assert closed_hit("no", "yes", compat=True) is None and closed_hit("no", "yes") == 0.0
+def png_ok(path) -> bool:
+    """A PNG whose signature, IHDR and IEND are in place and whose chunk CRCs check out."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    pos, kinds = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            return False
+        kinds.append(kind)
+        pos += 12 + length
+    width, height = struct.unpack(">II", data[16:24])
+    return kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds and width > 100 and height > 100
 
 
-def test_cli_writes_metrics_report_and_charts(tmp_path):
-    preds = tmp_path / "preds.jsonl"
-    preds.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
-    metrics = main(["--predictions", str(preds), "--out", str(tmp_path / "out")])
-    assert metrics["pefomed_exact_match"]["closed"] == pytest.approx(1 / 3)
-    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert set(saved) == {"pefomed_exact_match", "llava_med", "med_idefics"}
-    assert "| PeFoMed exact match" in (tmp_path / "out" / "report.md").read_text()
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    preds = write_jsonl(tmp_path / "preds.jsonl", ITEMS + REPORTS)
+    out = tmp_path / "out"
+    metrics = main(["--predictions", str(preds), "--out", str(out), "--report-tokenizer", "python", "--no-meteor"])
+    pe = metrics["pefomed_exact_match"]
+    # closed: "Yes." == yes; "no, it is not" != yes; "normal" != no. open: both normalize differently
+    # except "the left lung" -> "left lung".
+    assert (pe["closed"], pe["open"], pe["overall"]) == (pytest.approx(1 / 3), 0.5, 0.4)
+    assert pe["by_modality"]["MRI"] == {"n": 2, "accuracy": 0.5}
+    assert pe["by_question_type"]["ABN"] == {"n": 2, "accuracy": 0.0}
+    lm = metrics["llava_med"]
+    assert lm["closed_accuracy"] == pytest.approx(2 / 3)  # "normal" contains "no": a LLaVA-Med hit
+    assert lm["open_recall"] == 1.0
+    assert metrics["med_idefics"]["containment_em"] == pytest.approx(4 / 5)
+    assert metrics["report_metrics"]["n"] == 2 and metrics["report_metrics"]["meteor"] is None
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["pefomed_exact_match"]["overall"] == 0.4 and saved["n_report"] == 2
+    report = (out / "report.md").read_text()
+    assert "| PeFoMed exact match (VQA normalization) | 0.3333 | 0.5000 | 0.4000 |" in report
+    assert "--llava-med-compat" in report and "# Report generation" in report
+    assert "## PeFoMed exact match by modality" in report
     for name in ("accuracy_by_answer_type.png", "accuracy_by_modality.png"):
-        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png_ok(out / name)
+    rows = [json.loads(line) for line in (out / "scored_items.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[0]["scores"]["pefomed_exact_match"] is True
+    assert rows[2]["scores"]["llava_med_closed_hit"] == 1.0 and rows[2]["answer_type"] == "CLOSED"
+    assert "overall 0.4000" in capsys.readouterr().out
 
 
-def test_bad_predictions_file(tmp_path):
-    bad = tmp_path / "p.jsonl"
-    bad.write_text('{"answer": "yes"}\n')
-    with pytest.raises(ValueError, match="line 1 has no field 'prediction'"):
-        read_predictions(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
-        read_predictions(bad)
+def test_llava_med_compat_flag_in_cli(tmp_path):
+    preds = write_jsonl(tmp_path / "preds.jsonl", ITEMS)
+    fixed = main(["--predictions", str(preds), "--out", str(tmp_path / "a")])
+    compat = main(["--predictions", str(preds), "--out", str(tmp_path / "b"), "--llava-med-compat"])
+    assert fixed["llava_med"]["closed_accuracy"] == pytest.approx(2 / 3)
+    assert compat["llava_med"]["closed_accuracy"] == 1.0 and compat["llava_med"]["n_closed_dropped"] == 1
+    assert "This run uses `--llava-med-compat`: 1 wrong yes/no" in (tmp_path / "b" / "report.md").read_text()
 
 
-def test_report_items_get_report_metrics(tmp_path):
-    preds = tmp_path / "preds.jsonl"
-    rows = ITEMS + [{"answer": "no acute process.", "prediction": "no acute process.", "task": "report"}]
-    preds.write_text("".join(json.dumps(it) + "\n" for it in rows))
-    metrics = main(["--predictions", str(preds), "--out", str(tmp_path / "out")])
-    assert metrics["report_metrics"]["n"] == 1 and metrics["pefomed_exact_match"]["n"] == 4
-    assert "Report metrics" in (tmp_path / "out" / "report.md").read_text()
-
-
-def test_references_file_fills_answers(tmp_path):
-    preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"qid": 7, "prediction": "yes", "answer_type": "CLOSED"}) + "\n")
+def test_references_file_joins_by_qid(tmp_path):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"qid": 7, "prediction": "yes"}, {"qid": 8, "prediction": "2"}])
     refs = tmp_path / "refs.json"
-    refs.write_text(json.dumps({"7": "yes"}))
+    refs.write_text(json.dumps([{"qid": 7, "answer": "yes", "answer_type": "CLOSED", "modality": "CT"},
+                                {"qid": 8, "answer": ["two", "2 cm"], "answer_type": "OPEN"}]))
     metrics = main(["--predictions", str(preds), "--references", str(refs), "--out", str(tmp_path / "o")])
-    assert metrics["pefomed_exact_match"]["closed"] == 1.0
+    assert metrics["pefomed_exact_match"]["closed"] == 1.0 and metrics["pefomed_exact_match"]["open"] == 1.0
+    refs.write_text(json.dumps({"7": "no", "8": {"answer": "3", "answer_type": "OPEN"}}))
+    items = read_predictions(preds, refs)
+    assert items[0]["answer"] == "no" and items[1]["answer_type"] == "OPEN"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"answer": "yes"}\n', "line 1: field 'prediction' must be a string"),
+    ('\n{"prediction": "yes"}\n', "line 2: no field 'answer'"),
+    ("{not json\n", "line 1 is not valid JSON"),
+    ('{"prediction": "a", "answer": "a", "answer_type": "MAYBE"}\n', "'answer_type' must be CLOSED or OPEN"),
+    ('{"prediction": "a", "answer": "a", "task": "caption"}\n', "field 'task' must be one of vqa, report"),
+    ('{"prediction": "a", "answer": []}\n', "as a list must hold one or more strings"),
+    ("[1, 2]\n", "line 1: an item is a JSON object"),
+    ("\n", "no items to score"),
+])
+def test_bad_predictions_files(tmp_path, content, message):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(content)
+    with pytest.raises(PredictionsError, match=message) as err:
+        read_predictions(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--predictions", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert done.value.code == 2 and "predictions file not found" in capsys.readouterr().err
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"qid": 1, "prediction": "yes"}])
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"2": "yes"}))
+    with pytest.raises(SystemExit):
+        main(["--predictions", str(preds), "--references", str(refs), "--out", str(tmp_path / "o")])
+    assert "has no 'answer' and no entry in the references" in capsys.readouterr().err
+
+
+def test_write_predictions_round_trip(tmp_path):
+    path = write_predictions(tmp_path / "sub" / "p.jsonl", ITEMS)
+    assert read_predictions(path)[3]["answer"] == "left lung"
+    assert validate_items(ITEMS)[2]["answer_type"] == "CLOSED"
+
+
+def test_python_api_and_nan_in_json(tmp_path):
+    metrics, per_item = score_items(ITEMS[:2])  # no OPEN item: open accuracy is NaN
+    assert metrics["pefomed_exact_match"]["n_open"] == 0 and json_safe(metrics)["pefomed_exact_match"]["open"] is None
+    assert len(per_item) == 2 and "correct" not in metrics["pefomed_exact_match"]
+    paths = write_outputs(metrics, tmp_path / "o")
+    assert [p.name for p in paths] == ["metrics.json", "report.md", "accuracy_by_answer_type.png",
+                                       "accuracy_by_modality.png"]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["pefomed_exact_match"]["open"] is None
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| PeFoMed exact match (VQA normalization) | 0.5000 | n/a | 0.5000 |" in report
+    reports_only = score_predictions(REPORTS, report_tokenizer="python", with_meteor=False)
+    assert "pefomed_exact_match" not in reports_only and write_outputs(reports_only, tmp_path / "r")[2:] == []
