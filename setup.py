@@ -1,11 +1,31 @@
+"""Installs the repository's root folders as one namespace: `engine/` is `pefomed.engine`,
+`kernels/` is `pefomed.kernels`, and so on, so that none of them shadows a PyPI package
+(Hugging Face's `evaluate` and `kernels` are real ones)."""
+
 from setuptools import find_packages, setup
+
+ROOT_PACKAGES = ("engine", "kernels", "models", "train", "evaluate", "bench")
+
+
+def namespaced_packages() -> tuple[list[str], dict[str, str]]:
+    packages, package_dir = ["pefomed"], {"pefomed": "pefomed"}
+    for root in ROOT_PACKAGES:
+        for found in [root] + [f"{root}.{sub}" for sub in find_packages(where=root)]:
+            packages.append(f"pefomed.{found}")
+            package_dir[f"pefomed.{found}"] = found.replace(".", "/")
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = namespaced_packages()
 
 setup(
     name="pefomed",
     version="0.1.0",
     description="Parameter-efficient fine-tuning engine for medical vision-language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine*", "kernels*", "models*", "train*", "evaluate*", "bench*"]),
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    entry_points={"console_scripts": ["pefomed = pefomed.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

@@ -1,7 +1,7 @@
 """Kernel benchmarks against the baselines a user would otherwise run, side by side in one process.
 
-    python -m bench.kernels [--only lora,nf4,proj] [--out bench/results/kernels-<device>-<date>.json]
-    python -m bench.kernels --smoke [--out k.json]   # tiny shapes on CPU: proves the harness runs
+    python -m pefomed.bench.kernels [--only lora,nf4,proj] [--out bench/results/kernels-<device>-<date>.json]
+    python -m pefomed.bench.kernels --smoke [--out k.json]   # tiny shapes on CPU: proves the harness runs
 
 Every case records the median, p20 and p80 time (`triton.testing.do_bench`, quantiles
 [0.5, 0.2, 0.8]; on the CPU smoke run `time.perf_counter`), the achieved TFLOP/s and GB/s and
@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pefomed.errors import run_cli
 
 LLM_SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336)]  # (in, out)
 M_VALUES = [1, 16, 64, 512, 4096, 8192]
@@ -172,7 +174,7 @@ def bench_lora(bench: Bench, dtype: torch.dtype, shapes, m_values, ranks) -> Non
 
 def _lora_cases(bench: Bench, weight: torch.Tensor, m: int, ranks) -> None:
     """The frozen base, then ours and PEFT's for each rank, on one [m, k] x [n, k] shape."""
-    from kernels.lora import lora_linear
+    from pefomed.kernels.lora import lora_linear
 
     n, k = weight.shape
     dtype, size = weight.dtype, weight.dtype.itemsize
@@ -224,7 +226,7 @@ def bench_nf4(bench: Bench, dtype: torch.dtype, shapes, m_values) -> None:
 
 def _nf4_cases(bench: Bench, weight: torch.Tensor, m_values, bnb_functional) -> None:
     """Dequantization vs bitsandbytes, then the fused NF4 matmul vs the dense one for each M."""
-    from kernels.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
+    from pefomed.kernels.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
 
     n, k = weight.shape
     q = quantize_nf4(weight)
@@ -259,7 +261,7 @@ def bench_proj(bench: Bench, dtype: torch.dtype, batches, tokens: int, width: in
 
 def _proj_cases(bench: Bench, dtype: torch.dtype, b: int, tokens: int, width: int, out_dim: int, text: int) -> None:
     """EVA-g tokens grouped by 4, projected, and placed after the first text token of each sequence."""
-    from kernels.visual_proj import grouped_projection
+    from pefomed.kernels.visual_proj import grouped_projection
 
     device = bench.device
     n_img = (tokens - 1) // 4
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import triton
 
-    command = "python -m bench.kernels " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m pefomed.bench.kernels " + shlex.join(sys.argv[1:] if argv is None else argv)
     targets = evaluate_targets(bench.rows, ceilings)
     result = {
         "device": _device_name(device),
@@ -444,4 +446,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -12,11 +12,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from engine.config import Config
-from engine.lora import freeze_except, lora_parameter_names, make_linear_factory
-from models import llama, vit
-from models.connectors import GroupedProjection
-from models.vlm import VisionLanguageModel
+from pefomed.engine.config import Config
+from pefomed.engine.lora import freeze_except, lora_parameter_names, make_linear_factory
+from pefomed.models import llama, vit
+from pefomed.models.connectors import GroupedProjection
+from pefomed.models.vlm import VisionLanguageModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +83,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", *, log=print) -
     torch.manual_seed(cfg.train.seed)  # random-init towers and fresh adapters are reproducible
     llm = build_llm(cfg, device)
     if m.quantize_llm == "nf4":
-        from engine.lora import quantize_frozen_linears
+        from pefomed.engine.lora import quantize_frozen_linears
 
         quantize_frozen_linears(llm.model.layers, m.kernels)
     vision = build_vit(cfg, device)
@@ -100,7 +100,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", *, log=print) -
     if m.adapter_checkpoint:
         from safetensors.torch import load_file
 
-        from engine.lora import load_adapter_state_dict
+        from pefomed.engine.lora import load_adapter_state_dict
 
         path = f"{m.adapter_checkpoint}/adapter_model.safetensors"
         load_adapter_state_dict(llm, load_file(path), path)

@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from engine import distributed
-from engine.config import Config, save_config
-from engine.lora import PEFT_PREFIX, peft_adapter_config, write_adapter_config
+from pefomed.engine import distributed
+from pefomed.engine.config import Config, save_config
+from pefomed.engine.lora import PEFT_PREFIX, peft_adapter_config, write_adapter_config
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARK = "COMPLETE"
@@ -178,7 +178,7 @@ def load_checkpoint(
 
 def load_exports(path: Path, model: nn.Module) -> None:
     """Load a checkpoint's adapter and projection (evaluation: no optimizer, no DCP)."""
-    from engine.lora import load_adapter_state_dict
+    from pefomed.engine.lora import load_adapter_state_dict
 
     for name in ("adapter_model.safetensors", "projection.safetensors"):
         if not (path / name).exists():

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pefomed.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override that cannot be used as it is."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import LoRAConfig
+from pefomed.engine.config import LoRAConfig
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -27,11 +27,11 @@ ALL_LINEAR = "all-linear"
 def _lora_function(kernels: str) -> Callable:
     # Imported here so that building a model with `kernels: torch` never imports triton.
     if kernels == "triton":
-        from kernels.lora import lora_linear
+        from pefomed.kernels.lora import lora_linear
 
         return lora_linear
     if kernels == "torch":
-        from kernels.reference import lora_linear_reference
+        from pefomed.kernels.reference import lora_linear_reference
 
         return lora_linear_reference
     raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")
@@ -100,7 +100,7 @@ class LoRALinear(nn.Module):
 
     def quantize_(self) -> None:
         """Store the frozen base weight as NF4 (QLoRA); the adapter stays in full precision."""
-        from kernels.nf4 import quantize_nf4
+        from pefomed.kernels.nf4 import quantize_nf4
 
         q = quantize_nf4(self.weight.detach())
         del self.weight
@@ -118,7 +118,7 @@ class NF4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, kernels: str = "torch") -> None:
         super().__init__()
-        from kernels.nf4 import quantize_nf4
+        from pefomed.kernels.nf4 import quantize_nf4
 
         self.weight = quantize_nf4(linear.weight.detach())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -126,7 +126,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels == "triton":
-            from kernels.nf4 import nf4_linear
+            from pefomed.kernels.nf4 import nf4_linear
 
             return nf4_linear(x, self.weight, self.bias)
         return torch.nn.functional.linear(x, self.weight.dequantize(x.dtype), self.bias)

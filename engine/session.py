@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import distributed
-from engine.batches import MicroBatches
-from engine.build import DTYPES, build_model, n_image_tokens
-from engine.config import Config, DatasetSpec
-from engine.trainer import Trainer
+from pefomed.engine import distributed
+from pefomed.engine.batches import MicroBatches
+from pefomed.engine.build import DTYPES, build_model, n_image_tokens
+from pefomed.engine.config import Config, DatasetSpec
+from pefomed.engine.trainer import Trainer
 
 
 def seed_everything(seed: int) -> None:
@@ -23,7 +23,7 @@ def seed_everything(seed: int) -> None:
 
 def ensure_synthetic(spec: DatasetSpec, cfg: Config, is_main: bool = True) -> None:
     """Generate the embedded demo dataset on first use (deterministic, so every rank agrees)."""
-    from engine.data import synthetic
+    from pefomed.engine.data import synthetic
 
     root = Path(spec.path)
     if not (root / "testset.json").exists() and is_main:
@@ -35,14 +35,14 @@ def ensure_synthetic(spec: DatasetSpec, cfg: Config, is_main: bool = True) -> No
             seed=cfg.train.seed,
         )
     if not (root / "tokenizer").exists() and is_main:
-        from engine.data.tokenizer import build_demo_tokenizer
+        from pefomed.engine.data.tokenizer import build_demo_tokenizer
 
         build_demo_tokenizer(synthetic.corpus(root), root / "tokenizer")
     distributed.barrier()
 
 
 def load_samples(specs: list[DatasetSpec], cfg: Config, is_main: bool = True) -> list:
-    from engine.data import readers
+    from pefomed.engine.data import readers
 
     samples = []
     for spec in specs:
@@ -57,7 +57,7 @@ def load_samples(specs: list[DatasetSpec], cfg: Config, is_main: bool = True) ->
 
 
 def build_dataset(samples: list, cfg: Config, tokenizer, *, train: bool):
-    from engine.data.collate import VLMDataset
+    from pefomed.engine.data.collate import VLMDataset
 
     return VLMDataset(
         samples,
@@ -73,7 +73,7 @@ def build_dataset(samples: list, cfg: Config, tokenizer, *, train: bool):
 
 
 def load_run_tokenizer(cfg: Config):
-    from engine.data.tokenizer import load_tokenizer
+    from pefomed.engine.data.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.model.tokenizer or cfg.model.llm)
 
@@ -93,7 +93,7 @@ def train_from_config(cfg: Config) -> dict:
         fit_vocab_to_tokenizer(cfg, tokenizer)
         model = build_model(cfg, env.device, log=print if env.is_main else (lambda *_: None))
         model = distributed.apply_strategy(model, cfg.train.strategy, env, DTYPES[cfg.model.dtype])
-        from engine.data.collate import collate
+        from pefomed.engine.data.collate import collate
 
         dataset = build_dataset(samples, cfg, tokenizer, train=True)
         batches = MicroBatches(

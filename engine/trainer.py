@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import checkpoint, distributed
-from engine.config import Config, OptimConfig
+from pefomed.engine import checkpoint, distributed
+from pefomed.engine.config import Config, OptimConfig
+from pefomed.errors import UserError
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(UserError, RuntimeError):
     """More samples than `data.max_bad_fraction` could not be read."""
 
 

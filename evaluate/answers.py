@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from engine.data.prompts import VQA_INSTRUCTIONS
+from pefomed.engine.data.prompts import VQA_INSTRUCTIONS
 
 EOS_MARKERS = ("</s>", "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<end_of_utterance>")
 SPECIAL_TEXT = re.compile(r"<s>|<pad>|<unk>|<ImageHere>|<Img>|</Img>")

@@ -1,7 +1,7 @@
 """Ask one question about one image with a trained checkpoint, or have it write a report.
 
-    python -m evaluate.ask --checkpoint runs/demo --image scan.png --question "is there a lesion?"
-    python -m evaluate.ask --checkpoint runs/demo --image ct.dcm --report
+    python -m pefomed.evaluate.ask --checkpoint runs/demo --image scan.png --question "is there a lesion?"
+    python -m pefomed.evaluate.ask --checkpoint runs/demo --image ct.dcm --report
 
 `--checkpoint` is a `step_N` folder or a run's output_dir (its latest checkpoint); the
 checkpoint's `config.yaml` names the base model unless `--config` is given. PNG, JPEG and DICOM
@@ -20,12 +20,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.build import n_image_tokens
-from engine.data.collate import prompt_for_generation
-from engine.data.images import load_image
-from engine.data.prompts import build_prompt
-from evaluate.answers import clean_reply, extract_answer, guess_answer_type
-from evaluate.run import (
+from pefomed.engine.build import n_image_tokens
+from pefomed.engine.data.collate import prompt_for_generation
+from pefomed.engine.data.images import load_image
+from pefomed.engine.data.prompts import build_prompt
+from pefomed.errors import run_cli
+from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
+from pefomed.evaluate.run import (
     USER_ERRORS,
     decode_batch,
     eval_template,
@@ -83,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

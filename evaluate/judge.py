@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pefomed.errors import UserError
+
 log = logging.getLogger(__name__)
 
 VQA_PROMPT = """Given a question about an medical image, there is a correct answer to the question and an answer to be determined. If the answer to be determined matches the correct answer or is a good enough answer to the question, output 1; otherwise output 0. Evaluate the answer to be determined (1 or 0).
@@ -99,7 +101,7 @@ _BARE_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*\.?\s*$")
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge cannot run at all (bad config, missing key, a non-retryable API error)."""
 
 

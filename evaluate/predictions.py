@@ -22,12 +22,14 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pefomed.errors import UserError
+
 TASKS = ("vqa", "report")
 ANSWER_TYPES = ("CLOSED", "OPEN")
 METADATA = ("answer_type", "question_type", "organ", "modality")
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
     """A predictions or references file that cannot be scored; the message names file, line and field."""
 
 

@@ -1,6 +1,6 @@
 """Evaluation: load a training checkpoint, decode greedily in batches, write and score predictions.
 
-    python -m evaluate.run --checkpoint runs/demo --split test --out runs/demo/eval
+    python -m pefomed.evaluate.run --checkpoint runs/demo --split test --out runs/demo/eval
         [--config X] [--swap-images] [--prompt expert] [--dataset kind:path] [--limit N]
         [--batch-size B] [--device cpu|cuda] [key=value overrides]
 
@@ -39,22 +39,23 @@ from pathlib import Path
 
 import torch
 
-from engine.build import build_model
-from engine.checkpoint import latest_checkpoint, load_exports
-from engine.config import Config, ConfigError, DatasetSpec, load_config
-from engine.data.collate import generation_batch
-from engine.data.images import ImageLoadError
-from engine.data.prompts import VQA_INSTRUCTIONS
-from engine.data.readers import DataError, Sample
-from engine.session import (
+from pefomed.engine.build import build_model
+from pefomed.engine.checkpoint import latest_checkpoint, load_exports
+from pefomed.engine.config import Config, ConfigError, DatasetSpec, load_config
+from pefomed.engine.data.collate import generation_batch
+from pefomed.engine.data.images import ImageLoadError
+from pefomed.engine.data.prompts import VQA_INSTRUCTIONS
+from pefomed.engine.data.readers import DataError, Sample
+from pefomed.engine.session import (
     build_dataset,
     fit_vocab_to_tokenizer,
     load_run_tokenizer,
     load_samples,
 )
-from evaluate import predictions, score
-from evaluate.answers import clean_reply, extract_answer
-from evaluate.predictions import ANSWER_TYPES
+from pefomed.errors import run_cli
+from pefomed.evaluate import predictions, score
+from pefomed.evaluate.answers import clean_reply, extract_answer
+from pefomed.evaluate.predictions import ANSWER_TYPES
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "projection.safetensors")
 SWAP_SEED = 0
@@ -360,4 +361,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

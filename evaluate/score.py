@@ -1,6 +1,6 @@
 """Score predictions the way each paper scores them, side by side (no model needed).
 
-    python -m evaluate.score --predictions preds.jsonl [--references refs.json] --out DIR
+    python -m pefomed.evaluate.score --predictions preds.jsonl [--references refs.json] --out DIR
         [--judge] [--judge-config judge.yaml] [--llava-med-compat] [--no-meteor]
 
 The predictions file is described in `evaluate/predictions.py`. VQA items (`task` "vqa", the
@@ -28,18 +28,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from evaluate.judge import JudgeConfig, JudgeError, load_judge_config, run_judge
-from evaluate.metrics.llava_med import closed_hit, llava_med_scores, open_recall
-from evaluate.metrics.med_idefics import med_idefics_item, med_idefics_scores
-from evaluate.metrics.report_metrics import report_metrics
-from evaluate.metrics.vqa import answer_type_of, references_of, vqa_accuracy
-from evaluate.predictions import (
+from pefomed.errors import run_cli
+from pefomed.evaluate.judge import JudgeConfig, JudgeError, load_judge_config, run_judge
+from pefomed.evaluate.metrics.llava_med import closed_hit, llava_med_scores, open_recall
+from pefomed.evaluate.metrics.med_idefics import med_idefics_item, med_idefics_scores
+from pefomed.evaluate.metrics.report_metrics import report_metrics
+from pefomed.evaluate.metrics.vqa import answer_type_of, references_of, vqa_accuracy
+from pefomed.evaluate.predictions import (
     PredictionsError,
     read_predictions,
     validate_items,
     write_predictions,
 )
-from evaluate.report import write_charts, write_outputs, write_report
+from pefomed.evaluate.report import write_charts, write_outputs, write_report
 
 __all__ = [
     "main",
@@ -114,7 +115,7 @@ def score_file(predictions: str | Path, out: str | Path, *, references: str | Pa
 
 
 def _summary_line(metrics: dict) -> str:
-    from evaluate.report import fmt
+    from pefomed.evaluate.report import fmt
 
     parts = []
     if "pefomed_exact_match" in metrics:
@@ -156,4 +157,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -446,7 +446,7 @@ def lora_forward(
     keep_scale = 1.0 / (1.0 - dropout_p)
     xa = _rank_project(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), r, keep_scale, dropout_p, seed)
     if _is_nf4(weight):
-        from kernels.nf4 import nf4_matmul
+        from pefomed.kernels.nf4 import nf4_matmul
 
         y = nf4_matmul(x, weight, bias, lora_xa=xa, lora_b=lora_B, scaling=scaling)
         if out is not None:
@@ -495,7 +495,7 @@ def lora_backward(
     if not need_dx:
         return None, d_a, d_b
     if _is_nf4(weight):
-        from kernels.nf4 import nf4_matmul_t
+        from pefomed.kernels.nf4 import nf4_matmul_t
 
         dx = nf4_matmul_t(dy, weight).to(x.dtype)
         _matmul_lora(
@@ -609,7 +609,7 @@ def _nf4_layout(q: Any) -> tuple[list[int], int, int, torch.dtype]:
 def _nf4_rebuild(
     tensors: tuple[torch.Tensor | None, ...], shape: list[int], blocksize: int, nested_blocksize: int, dtype: torch.dtype
 ) -> Any:
-    from kernels.nf4 import NF4Weight
+    from pefomed.kernels.nf4 import NF4Weight
 
     packed, absmax, offset, nested_absmax, nested_code = tensors
     return NF4Weight(packed, absmax, tuple(shape), dtype, blocksize, offset, nested_absmax, nested_code, nested_blocksize)
@@ -779,7 +779,7 @@ def lora_linear_reference(
     With a `seed` and active dropout it applies the kernels' mask (`dropout_mask`, which needs
     Triton); with `seed=None` it uses `F.dropout`, a different mask from the Triton path's.
     """
-    from kernels.reference import lora_linear_reference as torch_lora_linear
+    from pefomed.kernels.reference import lora_linear_reference as torch_lora_linear
 
     mask = None
     if seed is not None and training and dropout_p > 0:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import dot_acc
+from pefomed.kernels.common import dot_acc
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

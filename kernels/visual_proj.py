@@ -54,8 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import dot_acc
-from kernels.reference import grouped_projection_reference
+from pefomed.kernels.common import dot_acc
+from pefomed.kernels.reference import grouped_projection_reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -16,11 +16,11 @@ from torch import nn
 
 def _projection_function(kernels: str):
     if kernels == "triton":
-        from kernels.visual_proj import grouped_projection
+        from pefomed.kernels.visual_proj import grouped_projection
 
         return grouped_projection
     if kernels == "torch":
-        from kernels.reference import grouped_projection_reference
+        from pefomed.kernels.reference import grouped_projection_reference
 
         return grouped_projection_reference
     raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.loading import (
+from pefomed.models.loading import (
     CheckpointError,
     iter_state_dict,
     load_into,

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pefomed.errors import UserError
+
 TORCH_SUFFIXES = (".pth", ".bin", ".pt")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -33,7 +35,7 @@ Rename = Callable[[str], "str | None"]
 ShapeHint = Callable[[str, tuple[int, ...], tuple[int, ...]], "str | None"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model, with the file, the key and the fix."""
 
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.llama import LinearFactory, default_linear
-from models.loading import CheckpointError, iter_state_dict, load_into
+from pefomed.models.llama import LinearFactory, default_linear
+from pefomed.models.loading import CheckpointError, iter_state_dict, load_into
 
 Items = Iterable[tuple[str, torch.Tensor]]
 # (checkpoint key, our name, tensor): the checkpoint key is kept for error messages.

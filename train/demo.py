@@ -1,8 +1,8 @@
 """The embedded demo: synthetic radiology data -> LoRA + projection training -> evaluation.
 
-`python -m train.demo --config configs/demo.yaml` (what `make demo` runs). It generates the
-synthetic dataset, trains the tiny ViT + LLaMA on it, and evaluates the held-out split three
-ways: the trained model, the same model with the images swapped across questions, and the
+`pefomed demo` (or `python -m pefomed.train.demo --config configs/demo.yaml`, what `make demo`
+runs). It generates the synthetic dataset, trains the tiny ViT + LLaMA on it, and evaluates the
+held-out split three ways: the trained model, the same model with the images swapped across questions, and the
 majority-answer baseline. There are no pretrained weights offline, so the base model starts
 from random weights; point `model.llm` and `model.vision_checkpoint` at real checkpoints to run
 the same pipeline on them.
@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.config import load_config  # noqa: E402
-from engine.session import load_samples, train_from_config  # noqa: E402
+from pefomed.engine.config import load_config
+from pefomed.engine.session import load_samples, train_from_config
+from pefomed.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,8 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_from_config(cfg)
     trained_s = time.perf_counter() - started
 
-    from engine.checkpoint import latest_checkpoint
-    from evaluate.run import evaluate_checkpoint, majority_baseline
+    from pefomed.engine.checkpoint import latest_checkpoint
+    from pefomed.evaluate.run import evaluate_checkpoint, majority_baseline
 
     checkpoint = latest_checkpoint(cfg.train.output_dir)
     out = Path(cfg.train.output_dir) / "eval"
@@ -57,4 +55,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.data.images import ImageLoadError, load_image
-from engine.data.prompts import BOS_TEXT, IMAGE_PLACEHOLDER, build_prompt, check_template
-from engine.data.readers import Sample
+from pefomed.engine.data.images import ImageLoadError, load_image
+from pefomed.engine.data.prompts import BOS_TEXT, IMAGE_PLACEHOLDER, build_prompt, check_template
+from pefomed.engine.data.readers import Sample
 
 IGNORE_INDEX = -100
 

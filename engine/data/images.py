@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pefomed.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An image that is missing or cannot be decoded; the message starts with its path."""
 
 

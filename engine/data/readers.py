@@ -28,10 +28,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pefomed.errors import UserError
+
 PROMPT_KINDS = ("vqa", "caption", "report")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file that cannot be used as it is; the message names the file and the fix."""
 
 

@@ -23,20 +23,29 @@ Written in the VQA-RAD format (`trainset.json`, `testset.json`, `images/`) and P
 caption format (`captions_train.json`, `captions_test.json`: `[{"image", "caption"}]`). The
 generator keeps no global state: the same arguments give byte-identical files.
 
-    python -m engine.data.synthetic --out data/demo --n-train 2000 --n-test 300 --image-size 64 --seed 0
+    python -m pefomed.engine.data.synthetic --out data/demo --n-train 2000 --n-test 300 --image-size 64 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from engine.data.prompts import CAPTION_INSTRUCTIONS, EXPERT_PREFIX, REPORT_INSTRUCTIONS, TASKS, VQA_INSTRUCTIONS, WRAPPER
+from pefomed.engine.data.prompts import (
+    CAPTION_INSTRUCTIONS,
+    EXPERT_PREFIX,
+    REPORT_INSTRUCTIONS,
+    TASKS,
+    VQA_INSTRUCTIONS,
+    WRAPPER,
+)
+from pefomed.errors import run_cli
 
 SLOTS_PER_IMAGE = 3
 SIDES = ("left", "right")
@@ -252,4 +261,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from evaluate.metrics.normalize import normalize_llava_med
-from evaluate.metrics.vqa import answer_type_of, references_of
+from pefomed.evaluate.metrics.normalize import normalize_llava_med
+from pefomed.evaluate.metrics.vqa import answer_type_of, references_of
 
 
 def _normalized(text: str) -> str:

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
-from evaluate.metrics.vqa import references_of
+from pefomed.evaluate.metrics.vqa import references_of
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from evaluate.metrics.normalize import normalize_pefomed
+from pefomed.evaluate.metrics.normalize import normalize_pefomed
 
 BREAKDOWNS = ("question_type", "organ", "modality")
 

@@ -11,14 +11,14 @@ ROW_FIELDS = {"suite", "case", "shape", "median_ms", "p20_ms", "p80_ms", "tflops
 
 
 def test_smoke_run_writes_json(tmp_path):
-    from bench.kernels import main
+    from pefomed.bench.kernels import main
 
     out = tmp_path / "results" / "k.json"
     result = main(["--smoke", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
     assert {"device", "date", "torch", "triton", "command", "ceilings", "rows", "targets"} <= saved.keys()
-    assert saved["smoke"] is True and saved["command"] == f"python -m bench.kernels --smoke --out {out}"
+    assert saved["smoke"] is True and saved["command"] == f"python -m pefomed.bench.kernels --smoke --out {out}"
 
     timed = {r["case"]: r for r in saved["rows"] if "median_ms" in r}
     expected = {
@@ -42,7 +42,7 @@ def test_smoke_run_writes_json(tmp_path):
 
 
 def test_only_selects_suites_and_rejects_unknown_names():
-    from bench.kernels import main
+    from pefomed.bench.kernels import main
 
     result = main(["--smoke", "--only", "proj"])
     assert {r["suite"] for r in result["rows"]} == {"proj"}

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from engine.batches import MicroBatches
-from engine.config import OptimConfig
-from engine.trainer import lr_at
+from pefomed.engine.batches import MicroBatches
+from pefomed.engine.config import OptimConfig
+from pefomed.engine.trainer import lr_at
 
 
 class Items:

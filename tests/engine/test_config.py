@@ -1,6 +1,6 @@
 import pytest
 
-from engine.config import Config, ConfigError, load_config, save_config
+from pefomed.engine.config import Config, ConfigError, load_config, save_config
 
 
 def write(tmp_path, text):

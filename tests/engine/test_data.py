@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine.data import synthetic
-from engine.data.collate import (
+from pefomed.engine.data import synthetic
+from pefomed.engine.data.collate import (
     IGNORE_INDEX,
     VLMDataset,
     collate,
@@ -18,10 +18,10 @@ from engine.data.collate import (
     generation_batch,
     prompt_for_generation,
 )
-from engine.data.images import load_image
-from engine.data.prompts import CAPTION_INSTRUCTIONS, build_prompt
-from engine.data.readers import Sample, read_dataset
-from engine.data.tokenizer import build_demo_tokenizer, load_tokenizer
+from pefomed.engine.data.images import load_image
+from pefomed.engine.data.prompts import CAPTION_INSTRUCTIONS, build_prompt
+from pefomed.engine.data.readers import Sample, read_dataset
+from pefomed.engine.data.tokenizer import build_demo_tokenizer, load_tokenizer
 
 N_IMG = 5
 

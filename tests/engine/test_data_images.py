@@ -5,7 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, dicom_to_uint8, dicom_to_unit, load_image, voi_window
+from pefomed.engine.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageLoadError,
+    dicom_to_uint8,
+    dicom_to_unit,
+    load_image,
+    voi_window,
+)
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.pixels import apply_modality_lut, apply_windowing  # noqa: E402

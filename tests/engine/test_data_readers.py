@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from engine.data.readers import DataError, Sample, read_dataset
+from pefomed.engine.data.readers import DataError, Sample, read_dataset
 
 VQA_RAD = [
     {"qid": 1, "image_name": "synpic1.jpg", "image_organ": "HEAD", "answer": "Yes", "answer_type": "CLOSED",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from engine.data.sampler import ResumableSampler
+from pefomed.engine.data.sampler import ResumableSampler
 
 
 def reference(n, seed, shuffle, rank, world_size, drop_last, epoch):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.data import synthetic
+from pefomed.engine.data import synthetic
 
 VQA_RAD_FIELDS = {"qid", "image_name", "image_organ", "answer", "answer_type", "question_type", "question", "phrase_type"}
 

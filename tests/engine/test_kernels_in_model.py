@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.build import build_model
-from engine.config import load_config
+from pefomed.engine.build import build_model
+from pefomed.engine.config import load_config
 
 pytest.importorskip("triton")
 
@@ -50,7 +50,7 @@ def test_triton_and_torch_paths_agree():
 
 
 def test_size_overrides_recompute_derived_fields():
-    from engine.build import llm_config
+    from pefomed.engine.build import llm_config
 
     cfg = llm_config(tiny_config("torch"))
     assert cfg.hidden_size == 32 and cfg.head_dim == 16 and cfg.num_key_value_heads == 2
@@ -63,7 +63,7 @@ def _loss_and_grads(model):
 
 
 def test_qlora_model_equals_dequantized_reference_and_triton():
-    from kernels.nf4 import quantize_nf4
+    from pefomed.kernels.nf4 import quantize_nf4
 
     quantized = build_model(tiny_config("torch"), log=None)
     cfg = tiny_config("torch")

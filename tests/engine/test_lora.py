@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import LoRAConfig
-from engine.lora import (
+from pefomed.engine.config import LoRAConfig
+from pefomed.engine.lora import (
     LoRALinear,
     adapter_state_dict,
     freeze_except,
@@ -18,8 +18,8 @@ from engine.lora import (
 
 def test_pefomed_trainable_count_on_meta(capsys):
     """PeFoMed: projection 23,072,768 + LoRA 33,554,432 = 56.63M at LLaMA-2-7B sizes."""
-    from models.connectors import GroupedProjection
-    from models.llama import CONFIGS, LlamaForCausalLM
+    from pefomed.models.connectors import GroupedProjection
+    from pefomed.models.llama import CONFIGS, LlamaForCausalLM
 
     cfg = LoRAConfig(r=64, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"])
     with torch.device("meta"):
@@ -82,7 +82,7 @@ def _tiny_hf_llama(tmp_path):
 
 def test_saved_adapter_loads_in_peft_with_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
-    from models.llama import LlamaForCausalLM
+    from pefomed.models.llama import LlamaForCausalLM
 
     hf = _tiny_hf_llama(tmp_path)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])

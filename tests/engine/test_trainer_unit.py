@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine import checkpoint, distributed
-from engine.batches import MicroBatches
-from engine.config import load_config
-from engine.lora import freeze_except
-from engine.trainer import Trainer, TooManyBadSamples
+from pefomed.engine import checkpoint, distributed
+from pefomed.engine.batches import MicroBatches
+from pefomed.engine.config import load_config
+from pefomed.engine.lora import freeze_except
+from pefomed.engine.trainer import TooManyBadSamples, Trainer
 
 
 class Toy(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 
-from evaluate.answers import extract_answer
-from evaluate.exact_match import normalize_answer, vqa_accuracy
+from pefomed.evaluate.answers import extract_answer
+from pefomed.evaluate.exact_match import normalize_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -42,6 +42,6 @@ def test_accuracy_breakdown():
 
 
 def test_several_references():
-    from evaluate.exact_match import exact_match
+    from pefomed.evaluate.exact_match import exact_match
 
     assert exact_match("Right.", ["left", "the right"]) and not exact_match("up", ["left", "right"])

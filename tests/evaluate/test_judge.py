@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("openai")
 
-from evaluate.judge import (
+from pefomed.evaluate.judge import (
     REPORT_PROMPT,
     VQA_PROMPT,
     Judge,
@@ -226,7 +226,7 @@ def test_parse_reply(kind, text, expected):
 
 
 def test_the_key_never_reaches_logs_outputs_or_cache(tmp_path, caplog):
-    from evaluate.score import main
+    from pefomed.evaluate.score import main
 
     for name in (None, "openai", "httpx", "httpcore", "evaluate"):
         caplog.set_level(logging.DEBUG, logger=name)

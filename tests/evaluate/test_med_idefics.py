@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.med_idefics import bleu1, containment_match, med_idefics_scores, token_set_f1
+from pefomed.evaluate.med_idefics import bleu1, containment_match, med_idefics_scores, token_set_f1
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "med-idefics-results"
 PUBLISHED = {  # file: (EM, F1, BLEU-1) from the fixture README

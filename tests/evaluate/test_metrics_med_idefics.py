@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.metrics.med_idefics import (
+from pefomed.evaluate.metrics.med_idefics import (
     bleu1,
     containment_match,
     med_idefics_scores,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from evaluate.metrics import report_metrics as rm
+from pefomed.evaluate.metrics import report_metrics as rm
 
 needs_pycoco = pytest.mark.skipif(rm._pycocoevalcap_dir() is None, reason="the oracle is pycocoevalcap")
 needs_java = pytest.mark.skipif(not rm.java_available() or rm._tokenizer_jar() is None,

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from evaluate.metrics.llava_med import closed_hit, llava_med_scores, open_recall
-from evaluate.metrics.normalize import (
+from pefomed.evaluate.metrics.llava_med import closed_hit, llava_med_scores, open_recall
+from pefomed.evaluate.metrics.normalize import (
     normalize_llava_med,
     normalize_pefomed,
     normalize_vqa,
     process_punctuation,
 )
-from evaluate.metrics.vqa import vqa_accuracy
+from pefomed.evaluate.metrics.vqa import vqa_accuracy
 
 
 @pytest.mark.parametrize("raw, expected", [

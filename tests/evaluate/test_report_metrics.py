@@ -1,6 +1,6 @@
 import pytest
 
-from evaluate import report_metrics as rm
+from pefomed.evaluate import report_metrics as rm
 
 PREDS = ["Heart size is normal, no effusion.", "Small left effusion is seen."]
 REFS = [["The heart size is normal. No pleural effusion."], ["There is a small left pleural effusion."]]

@@ -5,9 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.session import train_from_config
-from evaluate.run import evaluate_checkpoint, image_derangement, load_model_for_eval, majority_baseline, predict, resolve_checkpoint
+from pefomed.engine.config import load_config
+from pefomed.engine.session import train_from_config
+from pefomed.evaluate.run import (
+    evaluate_checkpoint,
+    image_derangement,
+    load_model_for_eval,
+    majority_baseline,
+    predict,
+    resolve_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def test_predictions_and_metrics_written(trained, tmp_path):
 
 def test_batched_generation_equals_one_by_one(trained):
     cfg, root = trained
-    from engine.session import load_samples
+    from pefomed.engine.session import load_samples
 
     samples = load_samples(cfg.data.eval, cfg)[:6]
     model, tok = load_model_for_eval(cfg, resolve_checkpoint(root / "run"))
@@ -57,7 +64,7 @@ def test_swapped_images_are_a_derangement():
 
 def test_majority_baseline(trained):
     cfg, _ = trained
-    from engine.session import load_samples
+    from pefomed.engine.session import load_samples
 
     train = load_samples(cfg.data.train, cfg)
     test = load_samples(cfg.data.eval, cfg)
@@ -72,7 +79,7 @@ def test_missing_checkpoint_is_clear(tmp_path):
 
 def test_ask_png_and_dicom(trained, capsys):
     pydicom = pytest.importorskip("pydicom")
-    from evaluate.ask import main
+    from pefomed.evaluate.ask import main
 
     _, root = trained
     png = next((root / "data" / "images").glob("*.png"))
@@ -90,7 +97,7 @@ def test_ask_png_and_dicom(trained, capsys):
 
 
 def test_ask_errors_exit_2(trained, tmp_path, capsys):
-    from evaluate.ask import main
+    from pefomed.evaluate.ask import main
 
     _, root = trained
     broken = tmp_path / "scan.png"

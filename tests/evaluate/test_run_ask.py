@@ -16,16 +16,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.build import build_model, n_image_tokens
-from engine.checkpoint import COMPLETE_MARK
-from engine.config import load_config, save_config
-from engine.data.collate import encode_prompt
-from engine.data.images import load_image
-from engine.data.prompts import build_prompt
-from engine.data.readers import Sample
-from engine.session import fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
-from evaluate import ask, run
-from evaluate.answers import clean_reply, extract_answer, guess_answer_type
+from pefomed.engine.build import build_model, n_image_tokens
+from pefomed.engine.checkpoint import COMPLETE_MARK
+from pefomed.engine.config import load_config, save_config
+from pefomed.engine.data.collate import encode_prompt
+from pefomed.engine.data.images import load_image
+from pefomed.engine.data.prompts import build_prompt
+from pefomed.engine.data.readers import Sample
+from pefomed.engine.session import fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
+from pefomed.evaluate import ask, run
+from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
 
 MAX_NEW = 4
 

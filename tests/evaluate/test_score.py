@@ -6,14 +6,14 @@ import zlib
 
 import pytest
 
-from evaluate.predictions import (
+from pefomed.evaluate.predictions import (
     PredictionsError,
     read_predictions,
     validate_items,
     write_predictions,
 )
-from evaluate.report import json_safe, write_outputs
-from evaluate.score import main, score_items, score_predictions
+from pefomed.evaluate.report import json_safe, write_outputs
+from pefomed.evaluate.score import main, score_items, score_predictions
 
 ITEMS = [
     {"qid": 1, "question": "is it?", "answer": "yes", "prediction": "Yes.", "answer_type": "CLOSED",

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-import kernels.lora as lora_mod
-from kernels.lora import (
+import pefomed.kernels.lora as lora_mod
+from pefomed.kernels.lora import (
     dropout_mask,
     lora_backward,
     lora_forward,
@@ -289,7 +289,7 @@ def test_compiles_fullgraph_without_graph_break():
 
 
 def test_engine_layer_triton_matches_torch_path():
-    from engine.lora import LoRALinear
+    from pefomed.engine.lora import LoRALinear
 
     torch_layer = LoRALinear(24, 18, True, r=8, alpha=16, dropout=0.1, kernels="torch").to(_device())
     triton_layer = LoRALinear(24, 18, True, r=8, alpha=16, dropout=0.1, kernels="triton").to(_device())
@@ -304,7 +304,7 @@ def test_engine_layer_triton_matches_torch_path():
 @pytest.mark.parametrize("dtype,use_bias,p", [(torch.float16, True, 0.0), (torch.float32, False, 0.3)])
 def test_qlora_nf4_base_matches_float64_reference(dtype, use_bias, p):
     """QLoRA: an NF4 base weight, checked against float64 with the dequantized weight."""
-    nf4 = pytest.importorskip("kernels.nf4")
+    nf4 = pytest.importorskip("pefomed.kernels.nf4")
     x, dense, lora_a, lora_b, b = _inputs((3, 11, 128), 72, 8, dtype, bias=use_bias)
     q = nf4.quantize_nf4(dense, blocksize=64, double_quant=True)
     scaling, seed = 2.0, 31
@@ -322,7 +322,7 @@ def test_qlora_nf4_base_matches_float64_reference(dtype, use_bias, p):
 
 
 def test_qlora_compiles_fullgraph():
-    nf4 = pytest.importorskip("kernels.nf4")
+    nf4 = pytest.importorskip("pefomed.kernels.nf4")
     x, dense, lora_a, lora_b, b = _inputs((6, 64), 40, 8, torch.float32)
     q = nf4.quantize_nf4(dense)
 

@@ -13,8 +13,8 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_f
 
-from kernels import nf4
-from kernels.nf4 import (
+from pefomed.kernels import nf4
+from pefomed.kernels.nf4 import (
     NF4_CODE,
     NF4Weight,
     dequantize_nf4,
@@ -312,7 +312,7 @@ def test_lora_epilogue(m, r):
 
 
 def test_qlora_through_lora_linear():
-    from kernels.lora import lora_linear
+    from pefomed.kernels.lora import lora_linear
 
     m, n, k, r = 7, 40, 70, 4
     q = quantize_nf4(torch.randn(n, k))

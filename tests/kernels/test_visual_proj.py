@@ -8,8 +8,8 @@ the relative error of the output and of every gradient against a float64 computa
 import pytest
 import torch
 
-from kernels.reference import grouped_projection_reference
-from kernels.visual_proj import grouped_projection
+from pefomed.kernels.reference import grouped_projection_reference
+from pefomed.kernels.visual_proj import grouped_projection
 
 CASES = [  # (batch, patch tokens N, D, out_dim, layout, drop_cls, bias)
     (3, 20, 24, 40, "sequence", True, True),

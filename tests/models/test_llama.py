@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from models.llama import CONFIGS, KVCache, LlamaConfig, LlamaForCausalLM
-from models.loading import CheckpointError
+from pefomed.models.llama import CONFIGS, KVCache, LlamaConfig, LlamaForCausalLM
+from pefomed.models.loading import CheckpointError
 
 VOCAB = 300
 BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4}

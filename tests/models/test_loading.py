@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.loading import (
+from pefomed.models.loading import (
     CheckpointError,
     iter_state_dict,
     load_into,

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
-from engine.config import LoRAConfig
-from engine.lora import make_linear_factory
-from models.loading import CheckpointError
-from models.vit import (
+from pefomed.engine.config import LoRAConfig
+from pefomed.engine.lora import make_linear_factory
+from pefomed.models.loading import CheckpointError
+from pefomed.models.vit import (
     CONFIGS,
     VisionConfig,
     VisionTransformer,

@@ -1,0 +1,5 @@
+import sys
+
+from pefomed.cli import main
+
+sys.exit(main())
