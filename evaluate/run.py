@@ -46,7 +46,7 @@ from pefomed.engine.data.collate import generation_batch
 from pefomed.engine.data.images import ImageLoadError
 from pefomed.engine.data.prompts import VQA_INSTRUCTIONS
 from pefomed.engine.data.readers import DataError, Sample
-from pefomed.engine.session import (
+from pefomed.engine.data.sources import (
     build_dataset,
     fit_vocab_to_tokenizer,
     load_run_tokenizer,

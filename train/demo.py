@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from pefomed.engine.config import load_config
-from pefomed.engine.session import load_samples, train_from_config
+from pefomed.engine.data.sources import load_samples
+from pefomed.engine.session import train_from_config
 from pefomed.errors import run_cli
 
 

@@ -45,7 +45,7 @@ def test_predictions_and_metrics_written(trained, tmp_path):
 
 def test_batched_generation_equals_one_by_one(trained):
     cfg, root = trained
-    from pefomed.engine.session import load_samples
+    from pefomed.engine.data.sources import load_samples
 
     samples = load_samples(cfg.data.eval, cfg)[:6]
     model, tok = load_model_for_eval(cfg, resolve_checkpoint(root / "run"))
@@ -64,7 +64,7 @@ def test_swapped_images_are_a_derangement():
 
 def test_majority_baseline(trained):
     cfg, _ = trained
-    from pefomed.engine.session import load_samples
+    from pefomed.engine.data.sources import load_samples
 
     train = load_samples(cfg.data.train, cfg)
     test = load_samples(cfg.data.eval, cfg)

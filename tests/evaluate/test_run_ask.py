@@ -23,7 +23,7 @@ from pefomed.engine.data.collate import encode_prompt
 from pefomed.engine.data.images import load_image
 from pefomed.engine.data.prompts import build_prompt
 from pefomed.engine.data.readers import Sample
-from pefomed.engine.session import fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
+from pefomed.engine.data.sources import fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
 from pefomed.evaluate import ask, run
 from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
 
