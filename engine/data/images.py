@@ -1,5 +1,9 @@
 """Image loading without torchvision: PNG/JPEG through PIL, DICOM through pydicom.
 
+DICOM is recognised by its content (the `DICM` marker after the 128-byte preamble), so PACS
+exports without an extension (`IM0001`) are read as DICOM; a `.dcm` without the marker, a
+truncated PNG/JPEG and a broken DICOM are each an `ImageLoadError` naming the file.
+
 DICOM pixels go through the modality rescale (slope/intercept), then the VOI window from the
 header (Window Center/Width with the VOI LUT Function: LINEAR, the default, LINEAR_EXACT or
 SIGMOID, as DICOM PS3.3 C.11.2.1 defines them), or a min-max stretch when the header has no
@@ -23,6 +27,8 @@ from pefomed.errors import UserError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_PREAMBLE = 128  # bytes before the "DICM" marker of a DICOM Part 10 file (PS3.10 7.1)
+DICOM_MAGIC = b"DICM"
 
 
 class ImageLoadError(UserError, ValueError):
@@ -81,13 +87,33 @@ def dicom_to_uint8(path: str | Path) -> np.ndarray:
     return (dicom_to_unit(path) * 255.0).round().astype(np.uint8)
 
 
+def is_dicom(head: bytes) -> bool:
+    """Whether a file's first bytes are a DICOM Part 10 header: a 128-byte preamble, then `DICM`."""
+    return head[DICOM_PREAMBLE:DICOM_PREAMBLE + len(DICOM_MAGIC)] == DICOM_MAGIC
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image from PNG/JPEG (any mode) or DICOM; `ImageLoadError` names path and reason."""
+    """An RGB PIL image from PNG/JPEG (any mode) or DICOM; `ImageLoadError` names path and reason.
+
+    A file is DICOM when it carries the `DICM` marker at byte 128, whatever its name: PACS
+    exports are often named `IM0001` or by their instance UID. A `.dcm` without the marker is not
+    read as DICOM (pydicom would only guess at it) and is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: image file not found")
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
+        with path.open("rb") as f:
+            head = f.read(DICOM_PREAMBLE + len(DICOM_MAGIC))
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    if not is_dicom(head) and path.suffix.lower() in DICOM_SUFFIXES:
+        raise ImageLoadError(
+            f"{path}: not a DICOM file: there is no 'DICM' marker at byte 128 (a DICOM Part 10 file starts with a "
+            "128-byte preamble and 'DICM'); export it again as DICOM Part 10, or convert it to PNG"
+        )
+    try:
+        if is_dicom(head):
             return Image.fromarray(dicom_to_uint8(path)).convert("RGB")
         with Image.open(path) as img:
             img.load()
@@ -98,11 +124,13 @@ def open_image(path: str | Path) -> Image.Image:
                 arr = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
                 return Image.fromarray((arr * 255.0).round().astype(np.uint8)).convert("RGB")
             return img.convert("RGB")
-    except ImageLoadError:
-        raise
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageLoadError(f"{path}: cannot decode the image ({e})") from e
-    except Exception as e:  # pydicom raises many types for broken files (InvalidDicomError, KeyError, ...)
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{path}: cannot decode the image: not an image format PIL reads (PNG, JPEG, ...) and "
+                             "no DICOM 'DICM' marker at byte 128") from e
+    except (OSError, SyntaxError, EOFError) as e:  # PIL: truncated or corrupt data ("image file is truncated")
+        raise ImageLoadError(f"{path}: cannot decode the image ({e}); the file is damaged or incomplete: "
+                             "copy it again or remove it from the dataset") from e
+    except Exception as e:  # pydicom raises many types for broken files (InvalidDicomError, ValueError, ...)
         raise ImageLoadError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
 
 

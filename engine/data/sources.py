@@ -34,17 +34,23 @@ def ensure_synthetic(spec: DatasetSpec, cfg: Config, is_main: bool = True) -> No
 
 
 def load_samples(specs: list[DatasetSpec], cfg: Config, is_main: bool = True) -> list:
+    """The samples of every dataset in `specs`, each read at its split; a dataset that gives none
+    is an error, since a run or an evaluation over nothing is never what was asked for."""
     from pefomed.engine.data import readers
 
+    if not specs:
+        raise readers.DataError("no dataset to read: add one to data.train (or data.eval), e.g. "
+                                "[{kind: vqa_rad, path: /data/vqa_rad, split: train}]")
     samples = []
     for spec in specs:
         if spec.kind == "synthetic":
             ensure_synthetic(spec, cfg, is_main)
-            samples += readers.read_vqa_rad(spec.path, split=spec.split)
-        else:
-            samples += readers.read_dataset(spec.kind, spec.path, split=spec.split, image_root=spec.image_root)
-    if not samples:
-        raise ValueError("data.train names no samples: add at least one dataset")
+        found = readers.read_dataset(spec.kind, spec.path, split=spec.split, image_root=spec.image_root,
+                                     allow_outside_root=cfg.data.allow_outside_root)
+        if not found:
+            raise readers.DataError(f"{spec.path}: the {spec.split!r} split of {spec.kind} holds no samples; "
+                                    "check the split and the dataset file")
+        samples += found
     return samples
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ from pefomed.engine.data.prompts import (
     WRAPPER,
 )
 from pefomed.errors import run_cli
+
+logger = logging.getLogger("pefomed.engine.data.synthetic")  # also when run as __main__
 
 SLOTS_PER_IMAGE = 3
 SIDES = ("left", "right")
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     generate(args.out, args.n_train, args.n_test, args.image_size, args.seed)
-    print(f"wrote {args.out}: trainset.json ({args.n_train}), testset.json ({args.n_test}), captions_*.json, images/")
+    logger.info("wrote %s: trainset.json (%d), testset.json (%d), captions_*.json, images/",
+                args.out, args.n_train, args.n_test)
 
 
 if __name__ == "__main__":

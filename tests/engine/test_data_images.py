@@ -1,5 +1,8 @@
 """Image loading: DICOM windowing against pydicom's own VOI functions, PNG/JPEG, normalization, errors."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from pefomed.engine.data.images import (
     dicom_to_uint8,
     dicom_to_unit,
     load_image,
+    to_tensor,
     voi_window,
 )
 
@@ -112,8 +116,55 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ImageLoadError, match=r"nowhere\.png: image file not found"):
         load_image(tmp_path / "nowhere.png", 8)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ImageLoadError, match=r"broken\.png: cannot decode the image"):
+    with pytest.raises(ImageLoadError, match=r"broken\.png: cannot decode the image: not an image format PIL reads"):
         load_image(tmp_path / "broken.png", 8)
-    (tmp_path / "broken.dcm").write_bytes(b"\0" * 200)
-    with pytest.raises(ImageLoadError, match=r"broken\.dcm: cannot read the image"):
-        load_image(tmp_path / "broken.dcm", 8)
+    (tmp_path / "IM0002").write_bytes(b"\0" * 200)  # no extension, neither an image nor DICOM
+    with pytest.raises(ImageLoadError, match=r"IM0002: cannot decode the image: .* no DICOM 'DICM' marker at byte 128"):
+        load_image(tmp_path / "IM0002", 8)
+
+
+def test_dicom_without_extension_is_recognised_by_its_preamble(tmp_path):
+    """PACS exports are named IM0001 or by instance UID (whose last dotted part looks like a suffix)."""
+    original = pydicom.data.get_testdata_file("CT_small.dcm")
+    expected = load_image(original, 16)
+    for name in ("IM0001", "1.2.840.113619.2.55.3.604688119", "ct.png"):  # the content decides, not the name
+        shutil.copy(original, tmp_path / name)
+        torch.testing.assert_close(load_image(tmp_path / name, 16), expected, rtol=0, atol=0)
+    ds = pydicom.dcmread(original)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    unit = (hu - hu.min()) / (hu.max() - hu.min())  # CT_small has no window: min-max stretch
+    reference = to_tensor(Image.fromarray(np.round(unit * 255).astype(np.uint8)).convert("RGB"), 16)
+    torch.testing.assert_close(load_image(tmp_path / "IM0001", 16), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("content", ["zeros", "png"])
+def test_a_dcm_that_is_not_dicom_is_refused_naming_the_file(tmp_path, content):
+    path = tmp_path / "scan.dcm"
+    if content == "png":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "scan.png")
+        path.write_bytes((tmp_path / "scan.png").read_bytes())
+    else:
+        path.write_bytes(b"\0" * 200)
+    with pytest.raises(ImageLoadError) as err:
+        load_image(path, 8)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a DICOM file: there is no 'DICM' marker at byte 128")
+    assert "force" not in message and "\n" not in message  # ours, not pydicom's advice
+
+
+@pytest.mark.parametrize("fmt,suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("DICOM", ".dcm")])
+def test_truncated_files_are_an_image_load_error_naming_the_file(tmp_path, fmt, suffix):
+    path = tmp_path / f"cut{suffix}"
+    if fmt == "DICOM":
+        whole = (Path(pydicom.data.get_testdata_file("CT_small.dcm"))).read_bytes()
+    else:
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / f"whole{suffix}", fmt)
+        whole = (tmp_path / f"whole{suffix}").read_bytes()
+        assert load_image(tmp_path / f"whole{suffix}", 8).shape == (3, 8, 8)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ImageLoadError) as err:
+        load_image(path, 8)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot ")
+    assert ("truncated" in message) if fmt != "DICOM" else ("less than expected" in message)

@@ -82,7 +82,8 @@ def test_roco_captions_txt(tmp_path):
     write(tmp_path / "bad" / "captions.txt", "ROCO_00002 no tab here\n")
     with pytest.raises(DataError, match=r"captions\.txt: line 1 has no TAB"):
         read_dataset("roco", tmp_path / "bad")
-    with pytest.raises(DataError, match=r"captions\.txt: file not found"):
+    with pytest.raises(DataError, match=r"none: dataset folder not found \(for split 'train'; ROCO keeps its splits in "
+                                        r"such a folder as train/radiology/captions.txt, validation/radiology"):
         read_dataset("roco", tmp_path / "none", "train")
 
 
@@ -97,8 +98,12 @@ def test_r2gen_annotation_and_mimic_layouts(tmp_path):
     flat = write(tmp_path / "mimic.json", {"p10/s1/a.jpg": ["No acute process.", "second reader"]})
     (m,) = read_dataset("mimic", flat, "train", image_root=tmp_path / "files")
     assert m.image_path == str(tmp_path / "files" / "p10/s1/a.jpg") and m.answer == "No acute process."
-    with pytest.raises(DataError, match=r"annotation\.json: no 'dev' list \(expected keys train/val/test, found test, train, val\)"):
+    with pytest.raises(DataError, match=r"annotation\.json: IU-Xray \(R2Gen annotation.json\) has no split 'dev'; its splits "
+                                        r"are train, val, validation, test; the file holds the lists: test, train, val"):
         read_dataset("iu_xray", path, "dev")
+    no_val = write(tmp_path / "iu2" / "annotation.json", {"train": ann["train"], "test": []})
+    with pytest.raises(DataError, match=r"no 'val' list for split 'validation' \(expected keys train/val/test, found test, train\)"):
+        read_dataset("iu_xray", no_val, "validation")
     write(tmp_path / "noimg.json", {"train": [{"id": "x", "report": "r"}]})
     with pytest.raises(DataError, match=r"noimg\.json: item 0 has no field 'image_path'"):
         read_dataset("iu_xray", tmp_path / "noimg.json", "train")
@@ -119,11 +124,12 @@ def test_errors_name_file_position_and_field(tmp_path):
         read_dataset("vqa_rad", write(tmp_path / "nophrase.json", [{"image_name": "a"}]), "test")
     with pytest.raises(DataError, match=r"expected the file to be a JSON list of items, found dict"):
         read_dataset("vqa_rad", write(tmp_path / "obj.json", {"a": 1}), "train")
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nowhere' / 'trainset.json'}: file not found")):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nowhere'}: dataset folder not found (for split 'train'; "
+                                                  "VQA-RAD keeps its splits in such a folder as trainset.json, testset.json)")):
         read_dataset("vqa_rad", tmp_path / "nowhere", "train")
     with pytest.raises(DataError, match="unknown dataset kind 'coco'"):
         read_dataset("coco", tmp_path)
-    with pytest.raises(DataError, match="split 'dev'"):
+    with pytest.raises(DataError, match="SLAKE has no split 'dev'; its splits are train, val, validation, test"):
         read_dataset("slake", tmp_path, "dev")
     with pytest.raises(ValueError, match="prompt_kind 'chat'"):
         Sample("a.png", "chat", None, "x")

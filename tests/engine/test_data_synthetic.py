@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -28,12 +31,49 @@ def big(tmp_path_factory):
     return root
 
 
-def test_same_seed_gives_byte_identical_files(tmp_path):
-    for name in ("a", "b"):
-        synthetic.main(["--out", str(tmp_path / name), "--n-train", "25", "--n-test", "7", "--image-size", "32", "--seed", "7"])
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    synthetic.generate(tmp_path / "c", n_train=25, n_test=7, image_size=32, seed=8)
-    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+def test_same_seed_in_a_fresh_process_gives_byte_identical_files(tmp_path):
+    args = ["--n-train", "25", "--n-test", "7", "--image-size", "32", "--seed", "7"]
+    synthetic.main(["--out", str(tmp_path / "here"), *args])
+    env = {**os.environ, "PYTHONHASHSEED": "4242"}  # nothing may depend on str hashing or process state
+    done = subprocess.run([sys.executable, "-m", "pefomed.engine.data.synthetic", "--out", str(tmp_path / "there"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr.startswith(f"wrote {tmp_path / 'there'}: trainset.json (25)")  # logged
+    assert digest(tmp_path / "here") == digest(tmp_path / "there")
+    assert len(list((tmp_path / "here" / "images").iterdir())) >= 32 / 3  # at most 3 questions per image
+    synthetic.generate(tmp_path / "other", n_train=25, n_test=7, image_size=32, seed=8)
+    ours = json.loads((tmp_path / "here" / "trainset.json").read_text())
+    theirs = json.loads((tmp_path / "other" / "trainset.json").read_text())
+    # another seed gives other findings and questions, not a relabelled copy
+    assert [(q["question"], q["answer"]) for q in ours] != [(q["question"], q["answer"]) for q in theirs]
+
+
+def within(count: int, n: int, p: float) -> bool:
+    """`count` successes of `n` agree with probability `p` to 4.5 standard deviations."""
+    sd = (n * p * (1 - p)) ** 0.5
+    return abs(count - n * p) <= 4.5 * sd
+
+
+def test_findings_follow_the_stated_distribution(big):
+    """sample_finding's docstring: body 50/50, lesion count uniform over 0-3, side and size uniform;
+    three slots per image, each the image group or the lesion group with equal chance, lesion slots
+    of a lesion-free image dropped: 3 * (1/2 + 1/2 * 3/4) = 2.625 questions per image."""
+    captions = json.loads((big / "captions_train.json").read_text())
+    findings = [(c["caption"].startswith("Chest"), *read_caption(c["caption"])) for c in captions]
+    n = len(findings)
+    assert within(sum(chest for chest, *_ in findings), n, 0.5)
+    for count in range(4):
+        assert within(sum(c == count for _, c, _, _ in findings), n, 0.25), count
+    with_lesion = [f for f in findings if f[1] > 0]
+    assert within(sum(side == "left" for _, _, side, _ in with_lesion), len(with_lesion), 0.5)
+    assert within(sum(size == "large" for *_, size in with_lesion), len(with_lesion), 0.5)
+    # questions per image: mean 2.625, variance 0.609 (3 w.p. 3/4, else Binomial(3, 1/2))
+    per_image = Counter(i["image_name"] for i in json.loads((big / "trainset.json").read_text()))
+    mean = 2000 / n
+    assert abs(mean - 2.625) <= 4.5 * (0.609 / n) ** 0.5, mean
+    lesion_free = {c["image"] for c, f in zip(captions, findings) if f[1] == 0}
+    assert max(per_image[name] for name in lesion_free) <= 3 and all(per_image[c["image"]] == 3 for c, f in
+                                                                      zip(captions[:-1], findings) if f[1] > 0)
 
 
 def test_files_follow_the_vqa_rad_and_caption_formats(big):
