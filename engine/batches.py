@@ -5,15 +5,52 @@ world_size-th sample of it, starting at r, so the samples of one optimizer step 
 ranks are the same set as a single process with `grad_accum * world_size` micro-steps would
 see: that is what lets a 2-process FSDP2 run reproduce the single-process loss curve.
 
-A micro-batch whose samples were unreadable is refilled from the following samples, so a batch
-always holds `micro_batch_size` usable samples (the trainer counts the bad ones).
+`position` counts the samples this rank has taken from that stream; it is all a resumed run
+needs (`skip_to`). A micro-batch whose samples were unreadable is refilled from the following
+samples, so a batch always holds `micro_batch_size` usable samples and reports the bad ones in
+`n_bad` and `bad` (the trainer counts them against `data.max_bad_fraction`). When
+`50 * micro_batch_size` samples in a row are bad the batch is given up: it is yielded with
+`starved: True` and no tensors, so that the trainer stops every rank together instead of one
+rank raising while the others wait in a collective.
+
+With `num_workers > 0` the samples are read and decoded in that many worker processes (a
+`torch.utils.data.DataLoader` over the same position-ordered index stream, which keeps order
+and prefetches `prefetch_factor` samples per worker). Batching, refill and `position` stay in
+this process and count consumed samples only, so the batches, their order and the resume
+position are exactly those of `num_workers=0`. The workers' seed comes from a generator of
+their own: starting them does not draw from the global RNG that dropout uses.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from pefomed.errors import UserError
+
+STARVED_AFTER = 50  # micro-batches' worth of bad samples in a row before a batch is given up
+
+
+class TooFewSamples(UserError, ValueError):
+    """The training data cannot fill one micro-batch on every rank."""
+
+
+def _as_is(item):
+    return item
+
+
+class _PositionIndices(torch.utils.data.Sampler[int]):
+    """The dataset index at each position from `start` on, endlessly (for the DataLoader)."""
+
+    def __init__(self, index_at: Callable[[int, dict], int], start: int) -> None:
+        self.index_at, self.start = index_at, start
+
+    def __iter__(self) -> Iterator[int]:
+        cache: dict[int, torch.Tensor] = {}
+        for position in itertools.count(self.start):
+            yield self.index_at(position, cache)
 
 
 class MicroBatches:
@@ -27,22 +64,32 @@ class MicroBatches:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
     ) -> None:
         if len(dataset) < world_size * micro_batch_size:
-            raise ValueError(
+            raise TooFewSamples(
                 f"the training data has {len(dataset)} samples, fewer than one global micro-batch "
-                f"({world_size} ranks x micro_batch_size {micro_batch_size})"
+                f"({world_size} ranks x micro_batch_size {micro_batch_size}); add data (data.train) or "
+                "lower train.micro_batch_size"
+            )
+        if num_workers < 0:
+            raise ValueError(
+                f"num_workers={num_workers}: use 0 (read in this process) or more workers (data.num_workers)"
             )
         self.dataset, self.collate = dataset, collate
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.per_rank = len(dataset) // world_size  # the tail that does not split evenly is dropped
         self.position = 0  # samples drawn by this rank since training started
 
     def skip_to(self, position: int) -> None:
         self.position = position
 
-    def _index(self, position: int, order_cache: dict[int, torch.Tensor]) -> int:
+    def index_at(self, position: int, order_cache: dict[int, torch.Tensor] | None = None) -> int:
+        """The dataset index that this rank draws at `position` (pass a dict to reuse the epoch's order)."""
+        order_cache = {} if order_cache is None else order_cache
         epoch, offset = divmod(position, self.per_rank)
         if epoch not in order_cache:
             order_cache.clear()
@@ -53,17 +100,43 @@ class MicroBatches:
                 order_cache[epoch] = torch.arange(len(self.dataset))
         return int(order_cache[epoch][offset * self.world_size + self.rank])
 
+    def _items(self, start: int) -> Iterator[dict]:
+        """The dataset's items at positions start, start + 1, ... in order."""
+        if self.num_workers == 0:
+            cache: dict[int, torch.Tensor] = {}
+            for position in itertools.count(start):
+                yield self.dataset[self.index_at(position, cache)]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=_PositionIndices(self.index_at, start),
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            prefetch_factor=self.prefetch_factor,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.rank),
+        )
+        yield from loader
+
     def __iter__(self) -> Iterator[dict]:
-        cache: dict[int, torch.Tensor] = {}
-        while True:
-            good, bad = [], []
-            while len(good) < self.micro_batch_size:
-                item = self.dataset[self._index(self.position, cache)]
-                self.position += 1
-                (bad if "bad" in item else good).append(item)
-                if len(bad) > 50 * self.micro_batch_size and not good:
-                    raise RuntimeError(f"{len(bad)} samples in a row could not be read; last: {bad[-1]['bad']}")
-            batch = self.collate(good)
-            batch["n_bad"] = len(bad)
-            batch["bad"] = [item["bad"] for item in bad]
-            yield batch
+        items = self._items(self.position)
+        try:
+            while True:
+                good, bad, bad_in_a_row = [], [], 0
+                while len(good) < self.micro_batch_size and bad_in_a_row < STARVED_AFTER * self.micro_batch_size:
+                    item = next(items)
+                    self.position += 1
+                    if "bad" in item:
+                        bad.append(item)
+                        bad_in_a_row += 1
+                    else:
+                        good.append(item)
+                        bad_in_a_row = 0
+                if len(good) < self.micro_batch_size:
+                    yield {"n_bad": len(bad), "bad": [item["bad"] for item in bad], "starved": True}
+                    continue
+                batch = self.collate(good)
+                batch["n_bad"] = len(bad)
+                batch["bad"] = [item["bad"] for item in bad]
+                yield batch
+        finally:
+            items.close()  # stops the DataLoader's workers

@@ -3,18 +3,28 @@
 Layout of `output_dir/checkpoints/step_N/`:
 - `adapter_model.safetensors` + `adapter_config.json`: the LLM's LoRA adapter in PEFT's format.
 - `projection.safetensors`: the connector (`llama_proj.weight`, `llama_proj.bias`).
-- `config.yaml`: the full resolved run config.
+- `config.yaml`: the full resolved run config, self-contained: `model.projection_checkpoint` and
+  `model.adapter_checkpoint` (where a stage-2 run started from) are cleared, since this folder's
+  own adapter and projection supersede them; evaluation needs only this folder and the base
+  weights. Where the run started from is kept in `progress.json` as `init_from`.
 - `trainer_state/`: a `torch.distributed.checkpoint` of the trainable parameters and the
-  optimizer (sharded under FSDP2), `progress.json` (step, sampler position, counters) and
-  `rng_rank{R}.pt` (each rank's random state).
+  optimizer (sharded under FSDP2), `progress.json` (step, world size, every rank's data
+  position, counters, `init_from`) and `rng_rank{R}.pt` (each rank's random state).
+- `COMPLETE`: written last, before the rename.
 
 Every checkpoint is written to `step_N.tmp` and renamed once complete, so a run killed at any
-moment leaves either the previous checkpoint or the new one, never a half-written "latest".
+moment leaves either the previous checkpoint or the new one, never a half-written "latest". A
+folder without `COMPLETE`, or named `*.tmp`, is never resumed from or evaluated.
+
+A checkpoint resumes only with the world size that wrote it: each rank's place in the data
+order, its random state and its optimizer shard belong to that world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
 import re
 import shutil
@@ -37,9 +47,18 @@ from torch.distributed.checkpoint.state_dict import (
 from pefomed.engine import distributed
 from pefomed.engine.config import Config, save_config
 from pefomed.engine.lora import PEFT_PREFIX, peft_adapter_config, write_adapter_config
+from pefomed.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARK = "COMPLETE"
+# Fields that name files a run started from; a checkpoint's own weights supersede them.
+START_FROM_FIELDS = ("projection_checkpoint", "adapter_checkpoint")
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be resumed from or evaluated as it is."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -54,9 +73,38 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     done = [
         (int(m.group(1)), p)
         for p in root.iterdir()
-        if (m := STEP_DIR.match(p.name)) and (p / COMPLETE_MARK).exists()
+        if (m := STEP_DIR.match(p.name)) and p.is_dir() and (p / COMPLETE_MARK).is_file()
     ]
     return max(done)[1] if done else None
+
+
+def require_complete(path: str | Path) -> Path:
+    """`path` if it is a completely written checkpoint folder; a CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder (expected output_dir/checkpoints/step_N)")
+    if path.name.endswith(".tmp") or not (path / COMPLETE_MARK).is_file():
+        done = latest_checkpoint(path.parent.parent) if path.parent.name == "checkpoints" else None
+        hint = f"; the latest complete one is {done}" if done else ""
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint (it has no {COMPLETE_MARK} file, or is a temporary "
+            f"*.tmp folder): the run that wrote it was stopped mid-save. Use a complete step_N folder{hint}"
+        )
+    return path
+
+
+def self_contained(config: Config) -> Config:
+    """`config` with the start-from fields cleared: what a checkpoint's `config.yaml` holds."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **dict.fromkeys(START_FROM_FIELDS)))
+
+
+def start_from(config: Config) -> dict[str, str]:
+    """The files a run started from (`model.projection_checkpoint`, `model.adapter_checkpoint`)."""
+    return {
+        f"model.{name}": str(Path(value).resolve())
+        for name in START_FROM_FIELDS
+        if (value := getattr(config.model, name))
+    }
 
 
 def _full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +144,10 @@ def save_checkpoint(
     progress: dict,
     env: distributed.DistEnv,
 ) -> Path:
-    """Write `step_N` atomically; every rank must call this."""
+    """Write `step_N` atomically; every rank must call this.
+
+    `progress` (rank 0's) goes to `progress.json`, with the world size added.
+    """
     root = checkpoints_dir(config.train.output_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -116,14 +167,22 @@ def save_checkpoint(
     full = _full_trainable_state(model)
     if env.is_main:
         _write_exports(tmp, full, config)
-        (tmp / "trainer_state" / "progress.json").write_text(json.dumps({"step": step, **progress}))
+        saved = {**progress, "step": step, "world_size": env.world_size}
+        (tmp / "trainer_state" / "progress.json").write_text(json.dumps(saved, indent=1))
     distributed.barrier()
     if env.is_main:
         (tmp / COMPLETE_MARK).write_text(str(step))
+        # An older step_N (a new run over an old output_dir) is moved aside, not deleted first:
+        # a crash in between leaves the previous complete checkpoint as the latest.
+        old = root / f"step_{step}.old"
         if final.exists():
-            shutil.rmtree(final)
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
         tmp.rename(final)
         _fsync_dir(root)
+        if old.exists():
+            shutil.rmtree(old)
     distributed.barrier()
     return final
 
@@ -140,7 +199,7 @@ def _write_exports(folder: Path, full: dict[str, torch.Tensor], config: Config) 
     save_file(adapter, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     save_file(projection, str(folder / "projection.safetensors"), metadata={"format": "pt"})
     write_adapter_config(folder / "adapter_config.json", peft_adapter_config(config.lora, config.model.llm, adapter))
-    save_config(config, folder / "config.yaml")
+    save_config(self_contained(config), folder / "config.yaml")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -153,10 +212,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def saved_world_size(path: Path, progress: dict) -> int:
+    """The world size that wrote the checkpoint (older ones: the count of per-rank RNG files)."""
+    if "world_size" in progress:
+        return int(progress["world_size"])
+    return len(list((path / "trainer_state").glob("rng_rank*.pt")))
+
+
+def read_progress(path: Path) -> dict:
+    file = path / "trainer_state" / "progress.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; {path} is not a pefomed training checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{file}: not valid JSON ({e}); the checkpoint is damaged, resume from an earlier one"
+        ) from e
+
+
 def load_checkpoint(
     path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, env: distributed.DistEnv
 ) -> dict:
-    """Restore trainable parameters, optimizer and RNG; return the saved progress."""
+    """Restore trainable parameters, optimizer and RNG; return the saved progress.
+
+    Refuses (CheckpointError) a folder that is not complete, and one written with another world size.
+    """
+    path = require_complete(path)
+    progress = read_progress(path)
+    saved = saved_world_size(path, progress)
+    if saved != env.world_size:
+        processes = "1 process" if env.world_size == 1 else f"{env.world_size} processes"
+        raise CheckpointError(
+            f"{path} was written by a run of world size {saved} and this run has world size "
+            f"{env.world_size} ({processes}): each rank's place in the data order, its random state "
+            "and its optimizer shard belong to the saved world size, so the run cannot continue "
+            f"exactly. Resume with world size {saved} (torchrun --nproc_per_node={saved} on one node), "
+            f"or start a new run in a new train.output_dir from this checkpoint's weights: "
+            f"model.adapter_checkpoint={path} model.projection_checkpoint={path / 'projection.safetensors'}"
+        )
     state = {
         "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
         "optim": get_optimizer_state_dict(model, optimizer),
@@ -168,18 +262,16 @@ def load_checkpoint(
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / "trainer_state" / f"rng_rank{env.rank}.pt"
     if not rng_file.exists():
-        raise FileNotFoundError(
-            f"{rng_file}: no random state for rank {env.rank}; the checkpoint was written by a run "
-            "with fewer processes. Resume with the same --nproc_per_node."
-        )
+        raise CheckpointError(f"{rng_file}: missing; the checkpoint is damaged, resume from an earlier one")
     _set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "trainer_state" / "progress.json").read_text())
+    return progress
 
 
 def load_exports(path: Path, model: nn.Module) -> None:
     """Load a checkpoint's adapter and projection (evaluation: no optimizer, no DCP)."""
     from pefomed.engine.lora import load_adapter_state_dict
 
+    path = require_complete(path)
     for name in ("adapter_model.safetensors", "projection.safetensors"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path / name}: missing; is {path} a pefomed checkpoint folder?")
@@ -188,4 +280,7 @@ def load_exports(path: Path, model: nn.Module) -> None:
     try:
         model.connector.load_state_dict(projection)
     except RuntimeError as e:
-        raise ValueError(f"{path / 'projection.safetensors'} does not match the model config: {e}") from e
+        raise CheckpointError(
+            f"{path / 'projection.safetensors'} does not match the model that the config builds ({e}); "
+            f"evaluate with the config that trained it, {path / 'config.yaml'}"
+        ) from e

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import random
 
 import numpy as np
 import torch
 
-from pefomed.engine import distributed
+from pefomed.engine import checkpoint, distributed
 from pefomed.engine.batches import MicroBatches
 from pefomed.engine.build import DTYPES, build_model
 from pefomed.engine.config import Config
 from pefomed.engine.data.sources import build_dataset, fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
 from pefomed.engine.trainer import Trainer
 
+logger = logging.getLogger(__name__)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_config(cfg: Config) -> Config:
+    """The config to build the model from.
+
+    A run that will resume from its own checkpoint does not need the files it started from
+    (`model.projection_checkpoint`, `model.adapter_checkpoint`): the checkpoint's trainable
+    weights replace them, so a stage-2 run resumes even after stage 1's folder is gone.
+    """
+    if not (cfg.train.resume and checkpoint.start_from(cfg)):
+        return cfg
+    if checkpoint.latest_checkpoint(cfg.train.output_dir) is None:
+        return cfg
+    logger.info("resuming: the checkpoint's adapter and projection replace %s", ", ".join(checkpoint.start_from(cfg)))
+    return checkpoint.self_contained(copy.deepcopy(cfg))
 
 
 def train_from_config(cfg: Config) -> dict:
@@ -28,8 +47,14 @@ def train_from_config(cfg: Config) -> dict:
         samples = load_samples(cfg.data.train, cfg, env.is_main)
         tokenizer = load_run_tokenizer(cfg)
         fit_vocab_to_tokenizer(cfg, tokenizer)
-        model = build_model(cfg, env.device, log=print if env.is_main else (lambda *_: None))
-        model = distributed.apply_strategy(model, cfg.train.strategy, env, DTYPES[cfg.model.dtype])
+        model = build_model(build_config(cfg), env.device)
+        model = distributed.apply_strategy(
+            model,
+            cfg.train.strategy,
+            env,
+            DTYPES[cfg.model.dtype],
+            activation_checkpointing=cfg.train.activation_checkpointing,
+        )
         from pefomed.engine.data.collate import collate
 
         dataset = build_dataset(samples, cfg, tokenizer, train=True)
@@ -40,6 +65,7 @@ def train_from_config(cfg: Config) -> dict:
             seed=cfg.train.seed,
             rank=env.rank,
             world_size=env.world_size,
+            num_workers=cfg.data.num_workers,
         )
         # Dropout masks and prompt draws differ per rank but are reproducible per rank.
         torch.manual_seed(cfg.train.seed + env.rank)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     train_from_config(cfg)
     trained_s = time.perf_counter() - started
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under torchrun, rank 0 alone evaluates and reports
 
     from pefomed.engine.checkpoint import latest_checkpoint
     from pefomed.evaluate.run import evaluate_checkpoint, majority_baseline

@@ -1,10 +1,15 @@
+import functools
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
-from pefomed.engine.batches import MicroBatches
-from pefomed.engine.config import OptimConfig
+from pefomed.engine.batches import STARVED_AFTER, MicroBatches, TooFewSamples
+from pefomed.engine.config import OptimConfig, load_config
 from pefomed.engine.trainer import lr_at
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Items:
@@ -76,5 +81,81 @@ def test_warmup_then_cosine():
 
 
 def test_too_few_samples_is_an_error():
-    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+    with pytest.raises(TooFewSamples, match="fewer than one global micro-batch.*train.micro_batch_size"):
         MicroBatches(Items(3), collate, micro_batch_size=2, seed=0, world_size=2)
+
+
+def test_only_bad_samples_gives_a_starved_batch_instead_of_raising():
+    stream = iter(MicroBatches(Items(400, bad=range(400)), collate, micro_batch_size=2, seed=0, shuffle=False))
+    batch = next(stream)
+    assert batch["starved"] and batch["n_bad"] == 2 * STARVED_AFTER and "input_ids" not in batch
+    assert batch["bad"][0] == "item0.png: unreadable"
+
+
+# --- data.num_workers: the real image pipeline, read in worker processes -----------------------
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """The synthetic dataset as training reads it (PNG decoding, tokenization), 2 images broken."""
+    from pefomed.engine.data.collate import collate as collate_vlm
+    from pefomed.engine.data.sources import build_dataset, load_run_tokenizer, load_samples
+
+    root = tmp_path_factory.mktemp("batches_data")
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"data.train=[{{kind: synthetic, path: {root}, split: train}}]", f"model.tokenizer={root}/tokenizer",
+        "data.synthetic_train=40", "data.synthetic_test=4",
+    ])  # fmt: skip
+    samples = load_samples(cfg.data.train, cfg)
+    broken = sorted({s.image_path for s in samples})[3:5]
+    for path in broken:
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    tokenizer = load_run_tokenizer(cfg)
+    dataset = build_dataset(samples, cfg, tokenizer, train=True)
+    return dataset, functools.partial(collate_vlm, pad_token_id=tokenizer.pad_token_id)
+
+
+def draw(batches: MicroBatches, k: int) -> tuple[list[dict], list[int]]:
+    """k batches and the position after each."""
+    stream, out, positions = iter(batches), [], []
+    for _ in range(k):
+        out.append(next(stream))
+        positions.append(batches.position)
+    return out, positions
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            if torch.is_tensor(a[key]):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_workers_give_the_batches_of_num_workers_0(image_data, rank):
+    dataset, collate_vlm = image_data
+    make = functools.partial(MicroBatches, dataset, collate_vlm, micro_batch_size=3, seed=4, rank=rank, world_size=2)
+    # 12 batches of 3 cross into the second epoch of this rank's 20 samples.
+    want, want_positions = draw(make(), 12)
+    assert sum(b["n_bad"] for b in want) > 0  # the refill path is exercised
+    rng = torch.get_rng_state()
+    got, got_positions = draw(make(num_workers=2), 12)
+    assert torch.equal(torch.get_rng_state(), rng)  # starting workers drew nothing from dropout's RNG
+    assert_same_batches(got, want)
+    assert got_positions == want_positions
+
+
+def test_workers_resume_from_a_mid_run_position(image_data):
+    dataset, collate_vlm = image_data
+    make = functools.partial(MicroBatches, dataset, collate_vlm, micro_batch_size=3, seed=4, rank=1, world_size=2)
+    want, _ = draw(make(), 12)
+    first = make(num_workers=2)
+    head, _ = draw(first, 5)  # the workers have read ahead; the position counts what was consumed
+    resumed = make(num_workers=2)
+    resumed.skip_to(first.position)
+    tail, _ = draw(resumed, 7)
+    assert_same_batches(head + tail, want)
