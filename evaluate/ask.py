@@ -3,14 +3,14 @@
     python -m pefomed.evaluate.ask --checkpoint runs/demo --image scan.png --question "is there a lesion?"
     python -m pefomed.evaluate.ask --checkpoint runs/demo --image ct.dcm --report
 
-`--checkpoint` is a `step_N` folder or a run's output_dir (its latest checkpoint); the
+`--checkpoint` is a complete `step_N` folder or a run's output_dir (its latest complete checkpoint); the
 checkpoint's `config.yaml` names the base model unless `--config` is given. PNG, JPEG and DICOM
 are read by `engine/data/images.py` (DICOM through pydicom: modality rescale, then the window
 centre and width from its header). The prompt is the evaluation template (`eval.prompt`, or
 `--prompt`); the answer is extracted from the reply by `evaluate/answers.py` (a question opening
 with "is", "does", "can", ... counts as a closed yes/no question), while `--report`
-uses the `[report]` prompt and prints the whole report. A missing checkpoint file or an
-unreadable image is one line on stderr, naming the file, and exit code 2.
+uses the `[report]` prompt and prints the whole report. A missing or incomplete checkpoint, or a
+missing or unreadable image, is one `error:` line on stderr naming the file, and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pefomed.engine.data.prompts import build_prompt
 from pefomed.errors import run_cli
 from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
 from pefomed.evaluate.run import (
-    USER_ERRORS,
     decode_batch,
     eval_template,
     load_eval_config,
@@ -72,13 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report == bool(args.question):
         parser.error("give either --question or --report")
-    try:
-        answer = ask(args.checkpoint, args.image, args.question, report=args.report, config=args.config,
-                     prompt=args.prompt, device=args.device, max_new_tokens=args.max_new_tokens,
-                     overrides=args.overrides)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    answer = ask(args.checkpoint, args.image, args.question, report=args.report, config=args.config,
+                 prompt=args.prompt, device=args.device, max_new_tokens=args.max_new_tokens, overrides=args.overrides)
     print(answer)
     return 0
 

@@ -2,15 +2,17 @@
 
 Prompts: PeFoMed's own, from its public evaluation scripts (jinlHe/PeFoMed
 `gpt_eval/gpt_eval_medvqa.py` and `gpt_eval/gpt_eval_iuxray.py`), word for word, with only the
-whitespace tidied (the indentation of their triple-quoted strings and doubled blank lines removed). VQA: output 1 when the answer "matches the correct answer or is a
-good enough answer", else 0, replying "Correctness: <n>". Reports: a 0-4 rubric (4 = hard to tell
-from the actual report ... 0 = no consistency), replying "Score: <n>".
+whitespace tidied (the indentation of their triple-quoted strings and doubled blank lines removed).
+VQA: output 1 when the answer "matches the correct answer or is a good enough answer", else 0,
+replying "Correctness: <n>". Reports: a 0-4 rubric (4 = hard to tell from the actual report ...
+0 = no consistency), replying "Score: <n>".
 
 Parsing follows theirs: the first number after the label (`Correctness:` / `Score:`); a reply that
 is only the number is accepted too. A number outside the scale (2 for VQA, 5 for a report), a
-fraction ("3.5", which their `int()` rejected) or no number at all is unparseable: the request is
-asked once more, and if the second reply is unparseable too the item is counted under
-`n_unparseable` and left unscored (never guessed).
+fraction ("3.5", which their `int()` rejected) or no number at all is unparseable, and so is a
+malformed response (not JSON, an HTML page, no `choices`, no message text): the request is asked
+once more, and if the second reply is unparseable too the item is counted under `n_unparseable`
+(with the reason under `unparseable_reasons`) and left unscored, never guessed.
 
 WASM (weighted average score metric, PeFoMed's report score over the 5-point Likert scale):
 sum_k w_k * n_k / N over the rubric levels k = 0..4. The PeFoMed text available here names the
@@ -19,17 +21,29 @@ the mean rubric score on a 0-1 scale. `JudgeConfig.wasm_weights` sets other weig
 
 Operation:
 - `JudgeConfig` (a YAML file for `--judge-config`): model, base_url (vLLM or any compatible
-  server), concurrency (a thread pool), max_retries, timeout, backoff_base / backoff_max,
-  cache_dir, max_tokens, temperature, wasm_weights, api_key_env. The key is read from the
-  environment variable `api_key_env` names (OPENAI_API_KEY by default); a config that holds a key
-  itself is refused. The key goes to the client only: it is never logged, cached or written.
+  server), concurrency (a thread pool), max_retries, timeout, cache_dir, max_tokens, temperature,
+  wasm_weights, stop_after_failures, api_key_env. The key is read from the environment variable
+  `api_key_env` names (OPENAI_API_KEY by default); a config that holds a key itself is refused.
+  The key goes to the client only: it is never logged, cached or written, and it is blanked out of
+  any server message that quotes it.
+- Retries are the openai client's own (`max_retries`, `timeout`): 408, 409, 429, 5xx, timeouts and
+  connection errors are retried with exponential backoff (0.5 s doubling, at most 8 s, jittered),
+  or after the server's `Retry-After` / `retry-after-ms` when it sends one (up to 2 minutes).
+- Failures never stop the scoring: an item whose request still fails is counted under `failures`
+  by reason (rate_limited, server_error, timeout, connection_error, authentication,
+  permission_denied, not_found, bad_request, http_<status>). A refusal that no retry can fix
+  (401, 403, 404, 400, ...) stops the judge at once, and so do `stop_after_failures` failed items
+  in a row; the items not sent then are counted as `not_sent`, and `stopped` says why. Items
+  already judged keep their verdicts, and `evaluate.score` has written the lexical metrics
+  before the judge starts.
 - Cache: one JSON file per judgment under cache_dir, named by the SHA-256 of (prompt template,
   model, question, reference, prediction): a rerun pays nothing twice. Only parsed verdicts are
-  cached, so an unparseable or failed item is asked again on the next run.
-- 429, 5xx, timeouts and connection errors are retried up to max_retries times with exponential
-  backoff (backoff_base * 2^attempt, at most backoff_max), or after the server's Retry-After when it
-  sends one. Other API errors (bad key, bad model) stop the run with the server's message.
-- Tokens: the prompt and completion tokens of every request (from `usage`) are summed.
+  cached, so an unparseable or failed item is asked again on the next run. Each writer writes its
+  own temporary file (`tempfile.mkstemp` in cache_dir) and renames it into place, so threads
+  judging identical items never collide; an unreadable cache file is treated as a miss.
+- Tokens: the prompt and completion tokens of every response (from `usage`) are summed, with the
+  HTTP requests sent (retries included). A response without `usage` still gives its verdict and
+  is counted under `responses_without_usage`, so the token sums are then lower bounds.
 """
 
 from __future__ import annotations
@@ -39,9 +53,10 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -98,11 +113,26 @@ LABELS = {"vqa": "Correctness:", "report": "Score:"}
 SCALES = {"vqa": (0, 1), "report": (0, 1, 2, 3, 4)}
 _NUMBER = re.compile(r"\b[0-9]+(?:\.[0-9]+)?\b")  # PeFoMed searched \b[0-5](?:\.\d+)?\b after the label
 _BARE_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*\.?\s*$")
-RETRYABLE_STATUS = frozenset({408, 409, 429})
+# Failure reasons of a request whose retries are spent, by HTTP status; other statuses are http_<status>.
+STATUS_REASONS = {400: "bad_request", 401: "authentication", 403: "permission_denied", 404: "not_found",
+                  408: "timeout", 409: "conflict", 422: "bad_request", 429: "rate_limited"}
+# What no retry fixes: the judge stops at the first one.
+FATAL_STATUSES = frozenset({400, 401, 403, 404, 422})
+REASON_HINTS = {
+    "authentication": "the server refused the API key: export a valid one in {env}",
+    "permission_denied": "the API key may not use this model or endpoint",
+    "not_found": "check `model` and `base_url` in the judge config",
+    "bad_request": "the server rejected the request: check `model`, `max_tokens` and `temperature`",
+    "connection_error": "no connection to {where}: check the network and `base_url`",
+    "timeout": "the server did not answer within `timeout` seconds",
+    "rate_limited": "rate limited after every retry: lower `concurrency` or raise `max_retries`",
+    "server_error": "the server kept failing (5xx)",
+}
+NOT_SENT = "not_sent"
 
 
 class JudgeError(UserError, RuntimeError):
-    """The judge cannot run at all (bad config, missing key, a non-retryable API error)."""
+    """The judge cannot start (a bad config, a missing API key); the message names the fix."""
 
 
 @dataclass
@@ -113,18 +143,21 @@ class JudgeConfig:
     concurrency: int = 4
     max_retries: int = 5
     timeout: float = 60.0
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
     cache_dir: str = ".judge_cache"
     max_tokens: int = 100
     temperature: float = 0.0
     wasm_weights: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0))
+    stop_after_failures: int = 5
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise JudgeError(f"judge config: concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
             raise JudgeError(f"judge config: max_retries must be >= 0, got {self.max_retries}")
+        if self.timeout <= 0:
+            raise JudgeError(f"judge config: timeout must be > 0 seconds, got {self.timeout}")
+        if self.stop_after_failures < 1:
+            raise JudgeError(f"judge config: stop_after_failures must be >= 1, got {self.stop_after_failures}")
         self.wasm_weights = tuple(float(w) for w in self.wasm_weights)
         if len(self.wasm_weights) != 5:
             raise JudgeError(f"judge config: wasm_weights needs 5 weights (levels 0-4), got {len(self.wasm_weights)}")
@@ -137,9 +170,12 @@ def load_judge_config(path: str | Path | None) -> JudgeConfig:
     import yaml
 
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise JudgeError(f"{path}: judge config not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise JudgeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise JudgeError(f"{path}: a judge config is a mapping of JudgeConfig fields")
     if "api_key" in data:
@@ -149,7 +185,10 @@ def load_judge_config(path: str | Path | None) -> JudgeConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise JudgeError(f"{path}: unknown judge config field {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    return JudgeConfig(**data)
+    try:
+        return JudgeConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise JudgeError(f"{path}: {e}") from None
 
 
 def build_prompt(kind: str, item: dict) -> str:
@@ -180,25 +219,77 @@ def cache_key(kind: str, model: str, item: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def read_completion(body: bytes) -> tuple[str | None, dict | None, str | None]:
+    """(message text, usage, None) from a chat-completions response body, or (None, None, what is wrong).
+
+    Checked by hand rather than trusted to the client's models, which accept a JSON list, an HTML
+    page or `"choices": "abc"` without complaint.
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None, None, "html_page" if b"<html" in body[:512].lower() else "not_json"
+    if not isinstance(data, dict):
+        return None, None, "not_an_object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None, None, "no_choices"
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        return None, None, "no_message_text"
+    usage = data.get("usage")
+    if not (isinstance(usage, dict) and all(isinstance(usage.get(k), int)
+                                            for k in ("prompt_tokens", "completion_tokens"))):
+        usage = None
+    return content, usage, None
+
+
+class RequestFailed(Exception):
+    """A request that failed for good (the client's retries spent, or a refusal no retry fixes)."""
+
+    def __init__(self, reason: str, detail: str, fatal: bool) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.fatal = reason, detail, fatal
+
+
 class Judge:
     """Judges items through an OpenAI-compatible chat-completions endpoint; thread-safe counters."""
 
-    def __init__(self, config: JudgeConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
-        import openai
+    def __init__(self, config: JudgeConfig) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise JudgeError("the judge needs the openai client: pip install openai "
+                             "(or pip install -e '.[judge]')") from None
 
-        key = os.environ.get(config.api_key_env)
+        key = secret = os.environ.get(config.api_key_env)
         if not key:
             if config.base_url is None:
                 raise JudgeError(f"the judge needs an API key: export {config.api_key_env} (or set api_key_env in "
                                  "the judge config to the variable that holds it)")
             key = "no-key"  # local servers (vLLM) accept any key; the client refuses an empty one
         self.config = config
-        self.client = openai.OpenAI(api_key=key, base_url=config.base_url, timeout=config.timeout, max_retries=0)
-        self.cache_dir = Path(config.cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._sleep = sleep
+        self._secret = secret  # blanked out of anything the server echoes back
         self._lock = threading.Lock()
-        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": 0, "retries": 0}
+        self._calls = 0
+        self._failures_in_a_row = 0
+        self.stopped: str | None = None
+        self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": 0,
+                      "responses_without_usage": 0}
+        # Every HTTP request the client sends, retries included, passes this hook.
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [lambda _request: self._count(requests=1)]})
+        self.client = openai.OpenAI(api_key=key, base_url=config.base_url, timeout=config.timeout,
+                                    max_retries=config.max_retries, http_client=http_client)
+        self.cache_dir = Path(config.cache_dir)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JudgeError(f"{self.cache_dir}: cannot create the judge cache folder ({e.strerror}); "
+                             "set cache_dir in the judge config") from None
+
+    def close(self) -> None:
+        self.client.close()
 
     # -- one request ---------------------------------------------------------------------------
     def _count(self, **deltas: int) -> None:
@@ -206,76 +297,133 @@ class Judge:
             for name, delta in deltas.items():
                 self.usage[name] += delta
 
-    def _delay(self, attempt: int, error: Exception) -> float:
-        response = getattr(error, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after is not None:
-            try:
-                return min(max(float(retry_after), 0.0), self.config.backoff_max)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
-        return min(self.config.backoff_base * 2 ** attempt, self.config.backoff_max)
+    def tokens(self) -> dict:
+        """The usage counters; `retries` are the requests sent beyond one per call."""
+        with self._lock:
+            return {**self.usage, "retries": self.usage["requests"] - self._calls}
 
-    def _retryable(self, error: Exception) -> bool:
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "<redacted>") if self._secret else text
+
+    def _failure(self, error: Exception) -> RequestFailed:
         import openai
 
-        if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):
-            return True
+        if isinstance(error, openai.APITimeoutError):  # a subclass of APIConnectionError
+            return RequestFailed("timeout", REASON_HINTS["timeout"], fatal=False)
+        if isinstance(error, openai.APIConnectionError):
+            detail = REASON_HINTS["connection_error"].format(where=self.config.base_url or "the OpenAI API")
+            cause = error.__cause__ or error.__context__
+            if cause is not None:
+                detail += f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]})"
+            return RequestFailed("connection_error", self._redact(detail), fatal=False)
         status = getattr(error, "status_code", None)
-        return status is not None and (status in RETRYABLE_STATUS or status >= 500)
+        if not isinstance(status, int):
+            return RequestFailed("api_error", self._redact(f"{type(error).__name__}: {error}"[:300]), fatal=False)
+        reason = STATUS_REASONS.get(status) or ("server_error" if status >= 500 else f"http_{status}")
+        message = " ".join(str(getattr(error, "message", error)).split())[:300]
+        hint = REASON_HINTS.get(reason, "").format(env=self.config.api_key_env, where=self.config.base_url)
+        detail = f"HTTP {status} from the server: {message}" + (f"; {hint}" if hint else "")
+        # The client retries 408, 409, 429 and 5xx; any other 4xx is a refusal no retry fixes.
+        fatal = status in FATAL_STATUSES or (400 <= status < 500 and status not in (408, 409, 429))
+        return RequestFailed(reason, self._redact(detail), fatal=fatal)
 
-    def complete(self, prompt: str) -> str:
-        """One chat completion, retried on 429 / 5xx / timeouts; raises the last error when spent."""
+    def complete(self, prompt: str) -> tuple[str | None, str | None]:
+        """(reply text, None), or (None, what is malformed in the response); raises RequestFailed.
+
+        The openai client does the retrying (`max_retries`, `timeout`, Retry-After).
+        """
         import openai
 
-        for attempt in range(self.config.max_retries + 1):
-            try:
-                reply = self.client.chat.completions.create(
-                    model=self.config.model, messages=[{"role": "user", "content": prompt}],
-                    max_tokens=self.config.max_tokens, temperature=self.config.temperature)
-            except openai.APIError as error:
-                if not self._retryable(error):
-                    raise JudgeError(f"judge request refused ({getattr(error, 'status_code', '?')}): "
-                                     f"{getattr(error, 'message', error)}") from None
-                if attempt == self.config.max_retries:
-                    raise
-                delay = self._delay(attempt, error)
-                log.info("judge: %s, retry %d/%d in %.2fs", type(error).__name__, attempt + 1,
-                         self.config.max_retries, delay)
-                self._count(retries=1)
-                self._sleep(delay)
-                continue
-            usage = reply.usage
-            self._count(requests=1, prompt_tokens=usage.prompt_tokens if usage else 0,
-                        completion_tokens=usage.completion_tokens if usage else 0)
-            return (reply.choices[0].message.content or "") if reply.choices else ""
-        raise AssertionError("the retry loop always returns or raises")
+        with self._lock:
+            self._calls += 1
+        try:
+            raw = self.client.chat.completions.with_raw_response.create(
+                model=self.config.model, messages=[{"role": "user", "content": prompt}],
+                max_tokens=self.config.max_tokens, temperature=self.config.temperature)
+        except openai.APIError as error:
+            raise self._failure(error) from None
+        text, usage, problem = read_completion(raw.content)
+        if problem is None:
+            if usage is None:
+                self._count(responses_without_usage=1)
+            else:
+                self._count(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
+        return text, problem
 
     # -- one item ------------------------------------------------------------------------------
-    def judge_one(self, kind: str, item: dict) -> dict:
-        """{"score": int | None, "status": "ok" | "cached" | "unparseable" | "failed", "reply": str}."""
-        import openai
+    def _read_cache(self, path: Path) -> dict | None:
+        try:
+            cached = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.warning("judge: %s is not a readable cache entry; asking again", path)
+            return None
+        if not isinstance(cached, dict) or not isinstance(cached.get("score"), int):
+            log.warning("judge: %s is not a cache entry (no score); asking again", path)
+            return None
+        return cached
 
+    def _write_cache(self, path: Path, verdict: dict) -> None:
+        """Atomically: a temporary file of this writer's own, then a rename over the final name."""
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f"{path.stem}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the cache private to this user
+            with os.fdopen(fd, "w") as f:
+                json.dump(verdict, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _note(self, failed: RequestFailed | None) -> None:
+        with self._lock:
+            if failed is None:
+                self._failures_in_a_row = 0
+                return
+            self._failures_in_a_row += 1
+            if self.stopped is not None:
+                return
+            if failed.fatal:
+                self.stopped = f"{failed.reason}: {failed.detail}"
+            elif self._failures_in_a_row >= self.config.stop_after_failures:
+                self.stopped = (f"{self._failures_in_a_row} items failed in a row, the last with {failed.reason}: "
+                                f"{failed.detail}")
+
+    def judge_one(self, kind: str, item: dict) -> dict:
+        """{"score": int | None, "status": "ok" | "cached" | "unparseable" | "failed", "reply": str}.
+
+        Failed and unparseable verdicts carry a `reason`.
+        """
         path = self.cache_dir / f"{cache_key(kind, self.config.model, item)}.json"
-        if path.exists():
+        cached = self._read_cache(path)
+        if cached is not None:
             self._count(cache_hits=1)
-            return {**json.loads(path.read_text()), "status": "cached"}
+            return {**cached, "status": "cached"}
+        if self.stopped is not None:
+            return {"score": None, "status": "failed", "reason": NOT_SENT, "reply": ""}
         prompt = build_prompt(kind, item)
-        reply = ""
+        reply, reason = "", ""
         for _ in range(2):  # an unparseable reply is asked once more
             try:
-                reply = self.complete(prompt)
-            except openai.APIError as error:
-                return {"score": None, "status": "failed", "reply": f"{type(error).__name__}: "
-                                                                  f"{getattr(error, 'message', error)}"}
-            score = parse_reply(kind, reply)
+                text, problem = self.complete(prompt)
+            except RequestFailed as failed:
+                self._note(failed)
+                return {"score": None, "status": "failed", "reason": failed.reason, "reply": failed.detail}
+            self._note(None)
+            if problem is not None:
+                reply, reason = "", f"malformed_response:{problem}"
+                continue
+            score = parse_reply(kind, text)
             if score is not None:
-                verdict = {"score": score, "reply": reply}
-                tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps(verdict))
-                tmp.replace(path)
+                verdict = {"score": score, "reply": text}
+                try:
+                    self._write_cache(path, verdict)
+                except OSError as e:  # the verdict stands; only the rerun will pay for it again
+                    log.warning("judge: cannot write the cache entry %s (%s)", path, e.strerror or e)
                 return {**verdict, "status": "ok"}
-        return {"score": None, "status": "unparseable", "reply": reply}
+            reply, reason = text, "no_score_in_reply"
+        return {"score": None, "status": "unparseable", "reason": reason, "reply": self._redact(reply)}
 
     def judge_items(self, kind: str, items: Sequence[dict]) -> list[dict]:
         if kind not in PROMPTS:
@@ -289,10 +437,12 @@ class Judge:
 # ---------------------------------------------------------------------------------------------
 
 def _status_counts(verdicts: Sequence[dict]) -> dict:
+    failed = Counter(v.get("reason", "unknown") for v in verdicts if v["status"] == "failed")
+    unparseable = Counter(v.get("reason", "unknown") for v in verdicts if v["status"] == "unparseable")
     return {"n": len(verdicts), "n_scored": sum(v["score"] is not None for v in verdicts),
-            "n_unparseable": sum(v["status"] == "unparseable" for v in verdicts),
-            "n_failed": sum(v["status"] == "failed" for v in verdicts),
-            "n_cached": sum(v["status"] == "cached" for v in verdicts)}
+            "n_unparseable": sum(unparseable.values()), "n_failed": sum(failed.values()),
+            "n_cached": sum(v["status"] == "cached" for v in verdicts),
+            "failures": dict(sorted(failed.items())), "unparseable_reasons": dict(sorted(unparseable.items()))}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -327,13 +477,23 @@ def summarize_report(verdicts: Sequence[dict], weights: Sequence[float]) -> dict
     return out
 
 
-def run_judge(items: Sequence[dict], config: JudgeConfig, *, exact: Sequence[bool] | None = None,
-              sleep: Callable[[float], None] = time.sleep) -> dict:
+def run_judge(items: Sequence[dict], config: JudgeConfig | Judge, *, exact: Sequence[bool] | None = None) -> dict:
     """Judge VQA items (task != "report") and report items; `exact[i]` is item i's exact-match hit.
 
-    Returns {"model", "vqa": summary, "report": summary, "tokens": usage, "verdicts": per item}.
+    Returns {"model", "base_url", "n_items", "n_judged", "failures", "stopped", "vqa": summary,
+    "report": summary, "tokens": usage, "verdicts": per item}. Request failures are counted, never
+    raised; only a judge that cannot start (`JudgeError`) raises, when `config` is a JudgeConfig.
     """
-    judge = Judge(config, sleep=sleep)
+    judge = config if isinstance(config, Judge) else Judge(config)
+    try:
+        return _run(judge, items, exact)
+    finally:
+        if judge is not config:
+            judge.close()
+
+
+def _run(judge: Judge, items: Sequence[dict], exact: Sequence[bool] | None) -> dict:
+    config = judge.config
     vqa_index = [i for i, it in enumerate(items) if it.get("task", "vqa") != "report"]
     report_index = [i for i, it in enumerate(items) if it.get("task", "vqa") == "report"]
     verdicts: list[dict | None] = [None] * len(items)
@@ -349,6 +509,22 @@ def run_judge(items: Sequence[dict], config: JudgeConfig, *, exact: Sequence[boo
         for i, v in zip(report_index, found):
             verdicts[i] = v
         out["report"] = summarize_report(found, config.wasm_weights)
-    out["tokens"] = dict(judge.usage)
+    every = _status_counts([v for v in verdicts if v is not None])
+    out.update({"n_items": len(items), "n_judged": every["n_scored"], "n_unparseable": every["n_unparseable"],
+                "n_failed": every["n_failed"], "failures": every["failures"], "stopped": judge.stopped})
+    out["tokens"] = judge.tokens()
     out["verdicts"] = verdicts
     return out
+
+
+def describe_outcome(judged: dict) -> str | None:
+    """One line on what the judge could not do, or None when every item got a verdict."""
+    if judged["n_judged"] == judged["n_items"]:
+        return None
+    parts = [f"{n} {reason}" for reason, n in judged["failures"].items()]
+    if judged["n_unparseable"]:
+        parts.append(f"{judged['n_unparseable']} unparseable")
+    line = f"judge: {judged['n_judged']} of {judged['n_items']} items judged ({', '.join(parts)})"
+    if judged.get("stopped"):
+        line += f"; stopped: {judged['stopped']}"
+    return line

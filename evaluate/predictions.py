@@ -19,6 +19,8 @@ such an object. Its fields fill the ones a prediction lacks; a prediction's own 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -152,13 +154,23 @@ def validate_items(items: Sequence[object], source: str = "predictions") -> list
     return [validate_item(item, f"{source}: item {n}") for n, item in enumerate(items, start=1)]
 
 
-def write_predictions(path: str | Path, items: Iterable[dict]) -> Path:
-    """Write items as .jsonl (UTF-8, one object per line), through a temporary file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to a temporary file of this writer's own beside `path`, then rename it
+    over `path`: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make the output private
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_predictions(path: str | Path, items: Iterable[dict]) -> Path:
+    """Write items as .jsonl (UTF-8, one object per line), atomically."""
+    return write_text_atomic(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))

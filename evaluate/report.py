@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from pefomed.evaluate.predictions import write_text_atomic
+
 LLAVA_MED_NOTE = (
     "LLaVA-Med's published `run_eval.py` appended nothing for a closed answer that said yes/no but not "
     "the reference, so wrong yes/no answers left the denominator and closed accuracy was inflated "
@@ -35,9 +37,7 @@ def json_safe(value):
 
 
 def write_metrics_json(metrics: dict, out: Path) -> Path:
-    path = Path(out) / "metrics.json"
-    path.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
-    return path
+    return write_text_atomic(Path(out) / "metrics.json", json.dumps(json_safe(metrics), indent=2, allow_nan=False))
 
 
 def fmt(value) -> str:
@@ -85,17 +85,29 @@ def _report_section(rep: dict) -> list[str]:
     return lines
 
 
+def _reasons(counts: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts.items())
+
+
 def _judge_section(judge: dict) -> list[str]:
     where = f" at {judge['base_url']}" if judge.get("base_url") else ""
-    lines = ["# GPT judge", "", f"Model `{judge['model']}`{where}, PeFoMed's prompts.", ""]
+    lines = ["# GPT judge", "", f"Model `{judge['model']}`{where}, PeFoMed's prompts.", "",
+             f"{judge['n_judged']} of {judge['n_items']} items judged; {judge['n_failed']} failed, "
+             f"{judge['n_unparseable']} unparseable.", ""]
+    if judge["failures"]:
+        lines += [f"Failed requests by reason: {_reasons(judge['failures'])}.", ""]
+    if judge.get("stopped"):
+        lines += [f"The judge stopped early: {judge['stopped']}", ""]
     vqa = judge.get("vqa")
     if vqa:
         lines += ["## VQA (1 = matches or good enough)", ""]
         lines += _table(["scored", "unparseable", "failed", "cached", "accuracy", "closed", "open"],
                         [[vqa["n_scored"], vqa["n_unparseable"], vqa["n_failed"], vqa["n_cached"], vqa["accuracy"],
                           vqa["closed"], vqa["open"]]])
+        if vqa["unparseable_reasons"]:
+            lines += [f"Unparseable replies by reason: {_reasons(vqa['unparseable_reasons'])}.", ""]
         table = vqa.get("vs_exact_match")
-        if table:
+        if table and vqa["n_scored"]:
             lines += ["Agreement with PeFoMed exact match (scored items):", ""]
             lines += _table(["", "exact match 1", "exact match 0"],
                             [["judge 1", table["judge_1_exact_1"], table["judge_1_exact_0"]],
@@ -107,10 +119,14 @@ def _judge_section(judge: dict) -> list[str]:
         lines += _table(["scored", "unparseable", "failed", "0", "1", "2", "3", "4", "mean", "WASM"],
                         [[rep["n_scored"], rep["n_unparseable"], rep["n_failed"],
                           *[rep["histogram"][str(k)] for k in range(5)], rep["mean_score"], rep["wasm"]]])
+        if rep["unparseable_reasons"]:
+            lines += [f"Unparseable replies by reason: {_reasons(rep['unparseable_reasons'])}.", ""]
         lines += [f"WASM weights per level 0-4: {rep['wasm_weights']}.", ""]
     tokens = judge["tokens"]
-    lines += [(f"Requests {tokens['requests']} (retries {tokens['retries']}, cache hits {tokens['cache_hits']}); "
-               f"tokens: {tokens['prompt_tokens']} prompt, {tokens['completion_tokens']} completion."), ""]
+    lines += [(f"HTTP requests {tokens['requests']} (retries {tokens['retries']}), cache hits {tokens['cache_hits']}; "
+               f"tokens: {tokens['prompt_tokens']} prompt, {tokens['completion_tokens']} completion"
+               + (f" (lower bounds: {tokens['responses_without_usage']} responses carried no usage)"
+                  if tokens["responses_without_usage"] else "") + "."), ""]
     return lines
 
 
@@ -122,9 +138,7 @@ def write_report(metrics: dict, out: Path) -> Path:
         lines += _report_section(metrics["report_metrics"])
     if "judge" in metrics:
         lines += _judge_section(metrics["judge"])
-    path = Path(out) / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(Path(out) / "report.md", "\n".join(lines))
 
 
 def _bar_chart(path: Path, groups: list[str], series: dict[str, list], title: str, ylabel: str) -> Path:

@@ -5,11 +5,14 @@
         [--batch-size B] [--device cpu|cuda] [key=value overrides]
 
 `--checkpoint` is a `step_N` folder or a run's output_dir (its latest complete checkpoint is
-used). The base model is built from the config (the checkpoint's own `config.yaml` unless
-`--config` is given), then the checkpoint's LoRA adapter and projection are loaded into it.
-Prompts use the evaluation template `eval.prompt` (MiniGPT-v2's by default); decoding is greedy
-with a KV cache, left-padded batches of `eval.batch_size`, `eval.max_new_tokens` at most, stopping
-at EOS. The answer is taken from each reply by `evaluate/answers.py`.
+used); a folder without its `COMPLETE` marker, or still named `step_N.tmp`, is refused. The base
+model is built from the config (the checkpoint's own `config.yaml` unless `--config` is given),
+then the checkpoint's LoRA adapter and projection are loaded into it.
+Prompts use the evaluation template `eval.prompt` (MiniGPT-v2's by default), never
+`data.template` (training's); decoding is greedy with a KV cache, left-padded batches of
+`eval.batch_size`, `eval.max_new_tokens` at most, stopping at EOS or, for LLaMA-3 tokenizers, at
+`<|eot_id|>` / `<|end_of_text|>`. Before the model is loaded, a split whose images are all missing
+is an error (a wrong path or image_root); a few missing ones are a warning. The answer is taken from each reply by `evaluate/answers.py`.
 
 Ablations:
 - `--swap-images`: every question is asked about another image. The distinct images are permuted
@@ -22,7 +25,8 @@ Ablations:
 Writes `predictions.jsonl` (one JSON object per item, in the schema of `evaluate/predictions.py`:
 see `prediction_record`), then scores that file with `evaluate.score` into `metrics.json`,
 `report.md`, charts and `scored_items.jsonl`; prints and returns the closed / open / overall
-exact-match summary.
+exact-match summary. A user's mistake (a missing or incomplete checkpoint, a split the dataset
+does not have, a bad option) is one `error:` line and exit status 2 (`pefomed.errors.run_cli`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import random
 import sys
@@ -40,10 +45,15 @@ from pathlib import Path
 import torch
 
 from pefomed.engine.build import build_model
-from pefomed.engine.checkpoint import latest_checkpoint, load_exports
+from pefomed.engine.checkpoint import (
+    COMPLETE_MARK,
+    CheckpointError,
+    latest_checkpoint,
+    load_exports,
+    require_complete,
+)
 from pefomed.engine.config import Config, ConfigError, DatasetSpec, load_config
 from pefomed.engine.data.collate import generation_batch
-from pefomed.engine.data.images import ImageLoadError
 from pefomed.engine.data.prompts import VQA_INSTRUCTIONS
 from pefomed.engine.data.readers import DataError, Sample
 from pefomed.engine.data.sources import (
@@ -57,38 +67,43 @@ from pefomed.evaluate import predictions, score
 from pefomed.evaluate.answers import clean_reply, extract_answer
 from pefomed.evaluate.predictions import ANSWER_TYPES
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FILES = ("adapter_model.safetensors", "projection.safetensors")
 SWAP_SEED = 0
 # LLaMA-3 chat ends a turn with <|eot_id|>, not with the tokenizer's EOS.
 EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
-# Errors a user can fix (a path, a file, a config key): reported in one line, exit code 2.
-USER_ERRORS = (FileNotFoundError, ImageLoadError, ConfigError, DataError, ValueError)
 
 
 # ---------------------------------------------------------------- checkpoint and model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A `step_N` folder as given, or a run's output_dir -> its latest complete checkpoint.
+    """A complete `step_N` folder as given, or a run's output_dir -> its latest complete checkpoint.
 
-    Raises FileNotFoundError naming the missing folder or file.
+    A folder still named `*.tmp` (being written, or left by a crash) or without its `COMPLETE`
+    marker is refused (`engine.checkpoint.require_complete`): its files may be half-written.
+    Raises FileNotFoundError or CheckpointError naming the folder and the fix.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found (give a step_N folder or a run's output_dir)")
-    if (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir() and not path.name.endswith(".tmp"):
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"{path / 'checkpoints'}: no complete step_N checkpoint in this run")
+            raise CheckpointError(f"{path / 'checkpoints'}: no complete step_N checkpoint in this run (none has its "
+                                  f"{COMPLETE_MARK} marker); let the run save one, or pass a checkpoint folder")
         path = found
-    elif not any((path / name).exists() for name in CHECKPOINT_FILES):
-        raise FileNotFoundError(
+    elif not path.name.endswith(".tmp") and not (path / COMPLETE_MARK).exists() and not any(
+            (path / name).exists() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
             f"{path}: neither a checkpoint folder (no {' or '.join(CHECKPOINT_FILES)}) nor a run's "
-            "output_dir (no checkpoints/)"
-        )
+            "output_dir (no checkpoints/)")
+    path = require_complete(path)
     for name in CHECKPOINT_FILES:
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing from the checkpoint folder; it may be incomplete")
+            raise CheckpointError(f"{path / name}: missing from the checkpoint folder; copy the whole step_N folder "
+                                  "from the training run again")
     return path
 
 
@@ -106,7 +121,8 @@ def resolve_device(cfg: Config, device: str | torch.device | None = None) -> tor
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {choice!r} asked for, but no CUDA device is available; use --device cpu")
+        raise ConfigError(f"device {choice!r} (--device / train.device) asked for, but no CUDA device is available; "
+                          "use --device cpu")
     return torch.device(choice)
 
 
@@ -114,7 +130,7 @@ def load_model_for_eval(cfg: Config, checkpoint: Path, device: str | torch.devic
     """The base model of `cfg` with the checkpoint's adapter and projection; and the tokenizer."""
     tokenizer = load_run_tokenizer(cfg)
     fit_vocab_to_tokenizer(cfg, tokenizer)
-    model = build_model(cfg, device, log=lambda *_: None)
+    model = build_model(cfg, device)
     load_exports(Path(checkpoint), model)
     return model.eval(), tokenizer
 
@@ -144,7 +160,8 @@ def image_derangement(image_paths: Sequence[str], seed: int = SWAP_SEED) -> dict
     """Each distinct image -> the image its questions are asked about instead (never itself)."""
     distinct = sorted(set(image_paths))
     if len(distinct) < 2:
-        raise ValueError(f"--swap-images needs at least two distinct images, the split has {len(distinct)}")
+        raise DataError(f"--swap-images needs at least two distinct images, the split has {len(distinct)}; "
+                        "evaluate more items (--limit) or drop --swap-images")
     perm = derangement(len(distinct), seed)
     return {image: distinct[perm[i]] for i, image in enumerate(distinct)}
 
@@ -154,7 +171,7 @@ def eval_specs(cfg: Config, split: str, dataset: str | None = None) -> list[Data
     if dataset:
         kind, sep, path = dataset.partition(":")
         if not sep or not kind or not path:
-            raise ValueError(f"--dataset {dataset!r}: expected kind:path, e.g. pathvqa:/data/pathvqa")
+            raise ConfigError(f"--dataset {dataset!r}: expected kind:path, e.g. pathvqa:/data/pathvqa")
         return [DatasetSpec(kind=kind, path=path, split=split)]
     specs = cfg.data.eval or cfg.data.train
     if not specs:
@@ -166,8 +183,8 @@ def eval_template(cfg: Config, prompt: str | None = None) -> str:
     """The prompt variant to evaluate with: `prompt` if given, else eval.prompt; checked."""
     template = prompt or cfg.eval.prompt
     if template not in VQA_INSTRUCTIONS:
-        raise ValueError(f"prompt variant {template!r} (--prompt / eval.prompt): expected one of "
-                         f"{', '.join(VQA_INSTRUCTIONS)}")
+        raise ConfigError(f"prompt variant {template!r} (--prompt / eval.prompt): expected one of "
+                          f"{', '.join(VQA_INSTRUCTIONS)}")
     return template
 
 
@@ -270,6 +287,18 @@ def summarize(metrics: dict, records: list[dict]) -> dict:
     return summary
 
 
+def check_images(samples: Sequence[Sample]) -> None:
+    """Before the model is loaded: no image at all found is an error (a wrong path or image_root);
+    some missing is a warning (those items are counted wrong)."""
+    missing = [s.image_path for s in samples if not Path(s.image_path).is_file()]
+    if samples and len(missing) == len(samples):
+        raise DataError(f"{missing[0]}: image file not found, nor any of the other {len(samples) - 1} images of the "
+                        "split; check the dataset path, or set image_root for the dataset in the config")
+    if missing:
+        log.warning("%d of %d images not found (the first: %s); those items get an empty prediction and count as "
+                    "wrong", len(missing), len(samples), missing[0])
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, split: str = "test", out_dir: str | Path,
                         swap_images: bool = False, prompt: str | None = None, limit: int | None = None,
                         dataset: str | None = None, batch_size: int | None = None,
@@ -285,6 +314,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, split: str = "te
     samples = load_samples(eval_specs(cfg, split, dataset), cfg)
     if limit is not None:
         samples = samples[:limit]
+    check_images(samples)
     run_device = resolve_device(cfg, device)
     model, tokenizer = load_model_for_eval(cfg, checkpoint, run_device)
     records = predict(model, tokenizer, samples, cfg, batch_size=batch_size, swap_images=swap_images,
@@ -334,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate answers with a training checkpoint and score them")
     parser.add_argument("--checkpoint", required=True, help="a step_N folder or a run's output_dir")
     parser.add_argument("--config", help="run config (default: the checkpoint's config.yaml)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test",
+                        help="train, val or test, read as named; a split the dataset lacks is an error")
     parser.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
     parser.add_argument("--swap-images", action="store_true", help="ask each question about another image")
     parser.add_argument("--prompt", help="prompt variant from engine/data/prompts.py (minigptv2, expert, short)")
@@ -344,19 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: train.device of the config)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.max_new_tokens=10")
     args = parser.parse_args(argv)
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        cfg = load_eval_config(checkpoint, args.config, args.overrides)
-        summary = evaluate_checkpoint(
-            cfg, checkpoint, split=args.split, out_dir=args.out, swap_images=args.swap_images, prompt=args.prompt,
-            limit=args.limit, dataset=args.dataset, batch_size=args.batch_size, device=args.device,
-            progress=_print_progress if sys.stderr.isatty() else None,
-        )
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg = load_eval_config(checkpoint, args.config, args.overrides)
+    summary = evaluate_checkpoint(
+        cfg, checkpoint, split=args.split, out_dir=args.out, swap_images=args.swap_images, prompt=args.prompt,
+        limit=args.limit, dataset=args.dataset, batch_size=args.batch_size, device=args.device,
+        progress=_print_progress if sys.stderr.isatty() else None,
+    )
     print(json.dumps(_null_nan(summary), indent=2))
-    print(f"-> {Path(args.out) / 'predictions.jsonl'}", file=sys.stderr)
+    log.info("-> %s", Path(args.out) / "predictions.jsonl")
     return 0
 
 

@@ -8,7 +8,8 @@ then split on whitespace into token counts.
   *prediction's* counts of the tokens both texts share and fn the reference's counts of the tokens
   the prediction lacks. With no repeated tokens this is the fraction of reference tokens found in
   the prediction; repeats in the prediction can raise it ("left left" vs "left lung" -> 2/3).
-  An empty text or no shared token gives 0.
+  An empty text or no shared token gives 0. Splitting on whitespace only, after normalization,
+  matters: "5.5cm" is one token, unlike "5.5 cm"; "three lesions" is "3 lesions".
 - Closed questions: a hit when the normalized prediction contains "yes" or "no" as a substring
   *and* contains the normalized reference as a substring.
 

@@ -1,13 +1,16 @@
 """The judge through the real `openai` client against a real HTTP server on 127.0.0.1.
 
 The server speaks `/v1/chat/completions` in the OpenAI schema (with `usage`) and replies from a
-script; it runs in a thread on a free port and is shut down by the fixture. Backoff delays are
-recorded through an injected sleep, so nothing here waits on the clock.
+script; it runs in a thread on a free port and is shut down by the fixture. It records every
+request it receives (arrival time, the client's `x-stainless-retry-count` header), so retries and
+Retry-After are observed on the server side, where they happen.
 """
 
 import json
 import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -25,17 +28,36 @@ from pefomed.evaluate.judge import (
     run_judge,
     summarize_report,
 )
+from pefomed.evaluate.score import score_predictions
 
 SECRET = "sk-test-0123456789-never-log-this"
 
 
-class FakeOpenAI:
-    """Replies in order from `script`: (status, content[, headers]); then "Correctness: 1"."""
+def completion(content, model="judge-model", usage=True) -> bytes:
+    payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+               "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+    if usage:
+        payload["usage"] = {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103}
+    return json.dumps(payload).encode()
 
-    def __init__(self, script=(), barrier: threading.Barrier | None = None):
-        self.script, self.barrier = list(script), barrier
+
+class FakeOpenAI:
+    """Replies in order from `script`, then with `default` forever.
+
+    An entry is (status, content[, headers]): a chat completion with `content` for 200, an OpenAI
+    error whose message is `content` otherwise (the text "{auth}" in it is replaced by the request's
+    Authorization header, as a server that quotes the key it refused would do); or
+    ("raw", status, content_type, body bytes) for a malformed response.
+    `gate`: the first `gate` requests are held until that many are in flight together (or 5 s pass).
+    """
+
+    def __init__(self, script=(), default=(200, "Correctness: 1"), gate: int = 0, delay: float = 0.0):
+        self.script, self.default, self.delay = list(script), default, delay
         self.requests, self.lock = [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.gate, self.gate_open = gate, threading.Event()
+        if not gate:
+            self.gate_open.set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -49,31 +71,39 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                    entry = fake.script.pop(0) if fake.script else (200, "Correctness: 1")
+                    fake.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
+                                          "retry_count": self.headers.get("x-stainless-retry-count"),
+                                          "time": time.monotonic()})
+                    entry = fake.script.pop(0) if fake.script else fake.default
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    if fake.in_flight >= fake.gate:
+                        fake.gate_open.set()
                 try:
-                    if fake.barrier is not None:
-                        fake.barrier.wait()  # passes only when enough requests are in flight together
-                    self._reply(body, *entry)
+                    fake.gate_open.wait(timeout=5)
+                    time.sleep(fake.delay)
+                    self._reply(body, entry)
                 finally:
                     with fake.lock:
                         fake.in_flight -= 1
 
-            def _reply(self, body, status, content, headers=None):
-                if status == 200:
-                    payload = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": content}}],
-                               "usage": {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103}}
+            def _reply(self, body, entry):
+                headers = {}
+                if entry[0] == "raw":
+                    _, status, content_type, data = entry
                 else:
-                    payload = {"error": {"message": content, "type": "server_error", "code": None}}
-                data = json.dumps(payload).encode()
+                    status, content = entry[0], entry[1]
+                    headers = entry[2] if len(entry) > 2 else {}
+                    content_type = "application/json"
+                    if status == 200:
+                        data = completion(content, body["model"])
+                    else:
+                        message = content.replace("{auth}", self.headers.get("Authorization", ""))
+                        data = json.dumps({"error": {"message": message, "type": "error", "code": None}}).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
+                for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(data)
@@ -94,11 +124,21 @@ class FakeOpenAI:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
 
-def config(server, tmp_path, **kw):
-    defaults = {"model": "judge-model", "base_url": server.url, "backoff_base": 0.01, "backoff_max": 0.05,
-                "cache_dir": str(tmp_path / "cache"), "timeout": 10, "max_retries": 3, "concurrency": 1}
+def config(url, tmp_path, **kw):
+    defaults = {"model": "judge-model", "base_url": url, "cache_dir": str(tmp_path / "cache"), "timeout": 10,
+                "max_retries": 3, "concurrency": 1}
     return JudgeConfig(**{**defaults, **kw})
 
+
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens: the connection is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+FAST_RETRY = {"retry-after-ms": "5"}  # the client waits 5 ms instead of its 0.5 s backoff
 
 VQA_ITEMS = [
     {"question": "is there an effusion?", "answer": "yes", "prediction": "yes", "answer_type": "CLOSED"},
@@ -115,14 +155,15 @@ def _key(monkeypatch):
 def test_correct_replies_accuracy_agreement_and_tokens(tmp_path):
     script = [(200, "Correctness: 1"), (200, "Correctness: 1"), (200, "Correctness: 0")]
     with FakeOpenAI(script) as server:
-        out = run_judge(VQA_ITEMS, config(server, tmp_path), exact=[True, False, False])
+        out = run_judge(VQA_ITEMS, config(server.url, tmp_path), exact=[True, False, False])
     vqa = out["vqa"]
-    assert vqa["n_scored"] == 3 and vqa["n_unparseable"] == 0 and vqa["n_failed"] == 0
+    assert vqa["n_scored"] == 3 and vqa["n_unparseable"] == 0 and vqa["n_failed"] == 0 and vqa["failures"] == {}
     assert vqa["accuracy"] == pytest.approx(2 / 3) and vqa["closed"] == 0.5 and vqa["open"] == 1.0
     assert vqa["vs_exact_match"] == {"judge_1_exact_1": 1, "judge_1_exact_0": 1, "judge_0_exact_1": 0,
                                      "judge_0_exact_0": 1, "agreement": pytest.approx(2 / 3)}
-    assert out["tokens"] == {"requests": 3, "prompt_tokens": 300, "completion_tokens": 9, "cache_hits": 0,
-                             "retries": 0}
+    assert (out["n_items"], out["n_judged"], out["stopped"]) == (3, 3, None)
+    assert out["tokens"] == {"requests": 3, "retries": 0, "prompt_tokens": 300, "completion_tokens": 9,
+                             "cache_hits": 0, "responses_without_usage": 0}
     request = server.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["body"]["model"] == "judge-model"
     assert request["body"]["messages"][0]["content"] == VQA_PROMPT.format(**VQA_ITEMS[0])
@@ -131,11 +172,11 @@ def test_correct_replies_accuracy_agreement_and_tokens(tmp_path):
 
 def test_cache_hits_send_no_second_request(tmp_path):
     with FakeOpenAI() as server:
-        first = run_judge(VQA_ITEMS, config(server, tmp_path))
+        first = run_judge(VQA_ITEMS, config(server.url, tmp_path))
         assert len(server.requests) == 3
-        second = run_judge(VQA_ITEMS, config(server, tmp_path))
+        second = run_judge(VQA_ITEMS, config(server.url, tmp_path))
         assert len(server.requests) == 3  # the server saw nothing new
-        third = run_judge(VQA_ITEMS, config(server, tmp_path, model="other-model"))
+        third = run_judge(VQA_ITEMS, config(server.url, tmp_path, model="other-model"))
         assert len(server.requests) == 6  # the model is part of the key
     assert [v["score"] for v in second["verdicts"]] == [v["score"] for v in first["verdicts"]]
     assert second["vqa"]["n_cached"] == 3 and second["tokens"]["cache_hits"] == 3
@@ -143,68 +184,217 @@ def test_cache_hits_send_no_second_request(tmp_path):
     assert third["vqa"]["n_cached"] == 0
 
 
+def test_a_corrupt_cache_file_is_a_miss(tmp_path):
+    with FakeOpenAI() as server:
+        run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+        (entry,) = (tmp_path / "cache").glob("*.json")
+        entry.write_text('{"score": ')  # cut short
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+    assert len(server.requests) == 2 and out["verdicts"][0]["status"] == "ok"
+    assert json.loads(entry.read_text()) == {"score": 1, "reply": "Correctness: 1"}
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_verdict(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from pefomed.evaluate import judge as judge_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(judge_module.tempfile, "mkstemp", full_disk)
+    caplog.set_level(logging.WARNING)
+    with FakeOpenAI() as server:
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+    assert out["verdicts"][0] == {"score": 1, "status": "ok", "reply": "Correctness: 1"}
+    assert "No space left on device" in caplog.text and not list((tmp_path / "cache").iterdir())
+
+
 @pytest.mark.parametrize("status", [429, 500, 503])
-def test_rate_limit_and_server_errors_are_retried_with_backoff(tmp_path, status):
-    delays = []
-    script = [(status, "busy"), (status, "busy"), (200, "Correctness: 1")]
+def test_the_client_retries_rate_limits_and_server_errors(tmp_path, status):
+    script = [(status, "busy", FAST_RETRY), (status, "busy", FAST_RETRY), (200, "Correctness: 1")]
     with FakeOpenAI(script) as server:
-        out = run_judge(VQA_ITEMS[:1], config(server, tmp_path), sleep=delays.append)
-    assert out["verdicts"][0]["score"] == 1 and len(server.requests) == 3
-    assert delays == [pytest.approx(0.01), pytest.approx(0.02)]  # backoff_base * 2^attempt
-    assert out["tokens"]["retries"] == 2 and out["tokens"]["requests"] == 1
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+    assert out["verdicts"][0]["score"] == 1
+    # One call, three HTTP requests: the openai client's own retries, numbered by its header.
+    assert [r["retry_count"] for r in server.requests] == ["0", "1", "2"]
+    assert out["tokens"]["requests"] == 3 and out["tokens"]["retries"] == 2
 
 
 def test_retry_after_is_honoured(tmp_path):
-    delays = []
-    with FakeOpenAI([(429, "slow down", {"Retry-After": "0.03"}), (200, "Correctness: 0")]) as server:
-        out = run_judge(VQA_ITEMS[:1], config(server, tmp_path, backoff_base=0.001), sleep=delays.append)
-    assert delays == [pytest.approx(0.03)] and out["verdicts"][0]["score"] == 0
+    # Without the header the client's first backoff is at most 0.5 s; with it, 1 s.
+    with FakeOpenAI([(429, "slow down", {"Retry-After": "1"}), (200, "Correctness: 0")]) as server:
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+    first, second = server.requests
+    assert second["time"] - first["time"] >= 0.95
+    assert out["verdicts"][0]["score"] == 0
 
 
-def test_retries_spent_counts_the_item_as_failed(tmp_path):
-    delays = []
-    with FakeOpenAI([(500, "down")] * 3) as server:
-        out = run_judge(VQA_ITEMS[:1], config(server, tmp_path, max_retries=2), sleep=delays.append)
-    assert len(server.requests) == 3 and len(delays) == 2
-    assert out["verdicts"][0]["status"] == "failed" and out["vqa"]["n_failed"] == 1 and out["vqa"]["n_scored"] == 0
+def test_max_retries_bounds_the_requests(tmp_path):
+    with FakeOpenAI(default=(500, "down", FAST_RETRY)) as server:
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path, max_retries=2))
+    assert len(server.requests) == 3
+    assert out["verdicts"][0]["status"] == "failed" and out["verdicts"][0]["reason"] == "server_error"
+    assert out["vqa"]["failures"] == {"server_error": 1} and out["vqa"]["n_scored"] == 0
 
 
-def test_a_refused_request_stops_the_run(tmp_path):
-    with FakeOpenAI([(401, "invalid api key")]) as server, pytest.raises(JudgeError, match="401") as err:
-        run_judge(VQA_ITEMS[:1], config(server, tmp_path))
-    assert len(server.requests) == 1 and SECRET not in str(err.value)
+def test_a_server_slower_than_timeout_is_a_timeout(tmp_path):
+    with FakeOpenAI(delay=1.0) as server:
+        start = time.monotonic()
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path, timeout=0.2, max_retries=0))
+        elapsed = time.monotonic() - start
+    assert elapsed < 0.9 and out["failures"] == {"timeout": 1} and out["n_judged"] == 0
+
+
+def write_inputs(tmp_path, url, **judge_fields):
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(it) + "\n" for it in VQA_ITEMS))
+    fields = {"model": "judge-model", "base_url": url, "cache_dir": str(tmp_path / "cache"), "max_retries": 1,
+              "concurrency": 1, "timeout": 5, **judge_fields}
+    cfg = tmp_path / "judge.yaml"
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
+    return preds, cfg
+
+
+PERSISTENT = {
+    # mode: (server reply every time, failures by reason, HTTP requests the server sees)
+    "rate_limited": ((429, "rate limit reached", FAST_RETRY), {"rate_limited": 3}, 6),
+    "server_error": ((502, "bad gateway", FAST_RETRY), {"server_error": 3}, 6),
+    # A refused key stops the judge at once: the two other items are never sent.
+    "authentication": ((401, "Incorrect API key provided: {auth}"), {"authentication": 1, "not_sent": 2}, 1),
+    "connection_error": (None, {"connection_error": 3}, 0),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(PERSISTENT))
+def test_persistent_failures_keep_the_lexical_metrics(tmp_path, cli, mode, caplog):
+    reply, failures, n_requests = PERSISTENT[mode]
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(default=reply) as server:
+        url = server.url if reply is not None else closed_port_url()
+        preds, cfg = write_inputs(tmp_path, url)
+        code, out, err = cli("score", "--predictions", preds, "--out", tmp_path / "out", "--judge",
+                             "--judge-config", cfg, "--no-meteor")
+    assert code == 0 and len(server.requests) == n_requests
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    lexical = score_predictions(VQA_ITEMS, with_meteor=False)
+    for key in ("pefomed_exact_match", "llava_med", "med_idefics"):
+        assert metrics[key] == json.loads(json.dumps(lexical[key]).replace("NaN", "null")), key
+    judge = metrics["judge"]
+    assert (judge["n_items"], judge["n_judged"], judge["n_failed"]) == (3, 0, 3)
+    assert judge["failures"] == failures and judge["vqa"]["failures"] == failures
+    assert judge["vqa"]["accuracy"] is None  # nothing scored: null, not 0
+    if mode == "authentication":
+        assert "authentication: HTTP 401" in judge["stopped"] and "OPENAI_API_KEY" in judge["stopped"]
+        assert "<redacted>" in judge["stopped"]  # the server quoted the key; it is blanked out
+    else:
+        assert judge["stopped"] is None
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "0 of 3 items judged; 3 failed" in report and "| PeFoMed exact match" in report
+    assert err.startswith("judge: 0 of 3 items judged (") and "error:" not in err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "scored_items.jsonl").read_text().splitlines()]
+    assert [r["scores"]["judge"]["status"] for r in rows] == ["failed"] * 3
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in err + out + caplog.text
+
+
+def test_consecutive_failures_stop_the_judge(tmp_path):
+    items = [{**VQA_ITEMS[0], "prediction": f"answer {i}"} for i in range(5)]
+    with FakeOpenAI(default=(503, "overloaded", FAST_RETRY)) as server:
+        out = run_judge(items, config(server.url, tmp_path, max_retries=0, stop_after_failures=2))
+    assert len(server.requests) == 2
+    assert out["failures"] == {"server_error": 2, "not_sent": 3}
+    assert out["stopped"].startswith("2 items failed in a row, the last with server_error")
+
+
+def test_a_success_resets_the_failure_count(tmp_path):
+    script = [(503, "x"), (200, "Correctness: 1"), (503, "x"), (200, "Correctness: 0")]
+    with FakeOpenAI(script) as server:
+        out = run_judge([{**VQA_ITEMS[0], "prediction": str(i)} for i in range(4)],
+                        config(server.url, tmp_path, max_retries=0, stop_after_failures=2))
+    assert len(server.requests) == 4 and out["stopped"] is None
+    assert [v["status"] for v in out["verdicts"]] == ["failed", "ok", "failed", "ok"]
+
+
+MALFORMED = {
+    "html_page": ("raw", 200, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "not_json": ("raw", 200, "application/json", b'{"choices": [{"message": '),
+    "no_choices": ("raw", 200, "application/json", json.dumps({"id": "x", "choices": []}).encode()),
+    "not_an_object": ("raw", 200, "application/json", b"[1, 2]"),
+    "no_message_text": ("raw", 200, "application/json",
+                        json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]})
+                        .encode()),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_responses_are_unparseable_not_a_crash(tmp_path, kind):
+    with FakeOpenAI(default=MALFORMED[kind]) as server:
+        out = run_judge(VQA_ITEMS[:2], config(server.url, tmp_path))
+    assert len(server.requests) == 4  # each item asked twice, then given up
+    assert [v["status"] for v in out["verdicts"]] == ["unparseable", "unparseable"]
+    assert out["vqa"]["unparseable_reasons"] == {f"malformed_response:{kind}": 2}
+    assert out["n_unparseable"] == 2 and out["n_judged"] == 0 and out["n_failed"] == 0
+    assert not list((tmp_path / "cache").glob("*.json"))  # nothing cached: asked again next run
+
+
+def test_a_response_without_usage_still_gives_its_verdict(tmp_path):
+    body = completion("Correctness: 1", usage=False)
+    with FakeOpenAI(default=("raw", 200, "application/json", body)) as server:
+        out = run_judge(VQA_ITEMS[:1], config(server.url, tmp_path))
+    assert len(server.requests) == 1 and out["verdicts"][0] == {"score": 1, "status": "ok", "reply": "Correctness: 1"}
+    assert out["tokens"]["responses_without_usage"] == 1 and out["tokens"]["prompt_tokens"] == 0
 
 
 def test_unparseable_reply_is_retried_once_then_counted(tmp_path):
     script = [(200, "I think it is fine"), (200, "Correctness: 1"),        # item 1: second try parses
               (200, "maybe"), (200, "Correctness: 2")]                      # item 2: both unparseable
     with FakeOpenAI(script) as server:
-        out = run_judge(VQA_ITEMS[:2], config(server, tmp_path))
+        out = run_judge(VQA_ITEMS[:2], config(server.url, tmp_path))
         assert len(server.requests) == 4
         assert out["verdicts"][0] == {"score": 1, "status": "ok", "reply": "Correctness: 1"}
-        assert out["verdicts"][1]["status"] == "unparseable" and out["verdicts"][1]["score"] is None
+        assert out["verdicts"][1] == {"score": None, "status": "unparseable", "reason": "no_score_in_reply",
+                                      "reply": "Correctness: 2"}
         assert out["vqa"]["n_unparseable"] == 1 and out["vqa"]["n_scored"] == 1 and out["vqa"]["accuracy"] == 1.0
-        run_judge(VQA_ITEMS[:2], config(server, tmp_path))
+        run_judge(VQA_ITEMS[:2], config(server.url, tmp_path))
         assert len(server.requests) == 5  # the unparseable item is not cached: asked again
 
 
 def test_concurrent_requests(tmp_path):
-    # The barrier lets the first two requests through only together: a client sending one request
-    # at a time would leave the first waiting until the barrier breaks (5 s) and get a 500.
-    barrier = threading.Barrier(2, timeout=5)
+    # The gate holds the first two requests until both are in flight: a client sending one request at
+    # a time would wait 5 s there.
     items = [{**VQA_ITEMS[0], "prediction": f"answer {i}"} for i in range(8)]
-    with FakeOpenAI(barrier=barrier) as server:
-        out = run_judge(items, config(server, tmp_path, concurrency=4, max_retries=0))
-    assert not barrier.broken
+    with FakeOpenAI(gate=2) as server:
+        start = time.monotonic()
+        out = run_judge(items, config(server.url, tmp_path, concurrency=4, max_retries=0))
+    assert time.monotonic() - start < 4
     assert server.max_in_flight >= 2 and len(server.requests) == 8
     assert out["vqa"]["n_scored"] == 8
+
+
+def test_identical_items_at_high_concurrency_share_one_cache_entry(tmp_path):
+    # 64 copies of one item, 16 threads: the first 16 requests are held until all are in flight, so
+    # 16 threads write the same cache entry at the same moment.
+    items = [dict(VQA_ITEMS[1]) for _ in range(64)]
+    with FakeOpenAI(gate=16) as server:
+        out = run_judge(items, config(server.url, tmp_path, concurrency=16, max_retries=0))
+        assert server.max_in_flight == 16
+        assert out["n_judged"] == 64 and out["n_failed"] == 0 and out["n_unparseable"] == 0
+        files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+        assert len(files) == 1 and files[0].endswith(".json")  # no temporary file left behind
+        assert json.loads((tmp_path / "cache" / files[0]).read_text()) == {"score": 1, "reply": "Correctness: 1"}
+        sent = len(server.requests)
+        again = run_judge(items, config(server.url, tmp_path, concurrency=16, max_retries=0))
+        assert len(server.requests) == sent and again["vqa"]["n_cached"] == 64
 
 
 def test_report_rubric_and_wasm(tmp_path):
     reports = [{"answer": "no acute disease", "prediction": p, "task": "report"} for p in ("a", "b", "c", "d")]
     script = [(200, "Score: 4"), (200, "Score: 3"), (200, "Score: 0"), (200, "Score: 3")]
     with FakeOpenAI(script) as server:
-        out = run_judge(reports, config(server, tmp_path))
+        out = run_judge(reports, config(server.url, tmp_path))
     rep = out["report"]
     assert rep["histogram"] == {"0": 1, "1": 0, "2": 0, "3": 2, "4": 1}
     assert rep["mean_score"] == pytest.approx(2.5)
@@ -225,26 +415,30 @@ def test_parse_reply(kind, text, expected):
     assert parse_reply(kind, text) == expected
 
 
-def test_the_key_never_reaches_logs_outputs_or_cache(tmp_path, caplog):
-    from pefomed.evaluate.score import main
-
-    for name in (None, "openai", "httpx", "httpcore", "evaluate"):
-        caplog.set_level(logging.DEBUG, logger=name)
-    preds = tmp_path / "preds.jsonl"
-    preds.write_text("".join(json.dumps(it) + "\n" for it in VQA_ITEMS))
-    with FakeOpenAI([(429, "busy", {"Retry-After": "0"})]) as server:
-        cfg = tmp_path / "judge.yaml"
-        cfg.write_text(f"model: judge-model\nbase_url: {server.url}\ncache_dir: {tmp_path / 'cache'}\n"
-                       "backoff_base: 0.01\nbackoff_max: 0.02\n")
-        main(["--predictions", str(preds), "--out", str(tmp_path / "out"), "--judge", "--judge-config", str(cfg),
-              "--no-meteor"])
+def test_the_key_never_reaches_logs_outputs_or_cache(tmp_path, cli, caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI([(429, "busy", FAST_RETRY)]) as server:
+        preds, cfg = write_inputs(tmp_path, server.url)
+        code, out, err = cli("score", "--predictions", preds, "--out", tmp_path / "out", "--judge",
+                             "--judge-config", cfg, "--no-meteor")
+    assert code == 0 and [r["retry_count"] for r in server.requests] == ["0", "1", "0", "0"]
     assert "chat/completions" in caplog.text  # the client's own debug log was captured
-    assert SECRET not in caplog.text
+    assert "Retrying request" in caplog.text  # and its retry message
+    assert SECRET not in caplog.text + out + err
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["judge"]["vqa"]["n_scored"] == 3
+    assert metrics["judge"]["vqa"]["n_scored"] == 3 and metrics["judge"]["tokens"]["retries"] == 1
+
+
+def test_a_missing_key_fails_before_any_work(tmp_path, cli, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    preds, cfg = write_inputs(tmp_path, "null")  # no base_url: the OpenAI API, which needs a key
+    code, out, err = cli("score", "--predictions", preds, "--out", tmp_path / "out", "--judge",
+                         "--judge-config", cfg)
+    assert code == 2 and err.splitlines() == [err.strip()] and err.startswith("error: the judge needs an API key")
+    assert "export OPENAI_API_KEY" in err and not (tmp_path / "out").exists()
 
 
 def test_config_file_errors(tmp_path, monkeypatch):
@@ -255,12 +449,23 @@ def test_config_file_errors(tmp_path, monkeypatch):
     bad.write_text("modle: gpt-4\n")
     with pytest.raises(JudgeError, match="unknown judge config field 'modle'"):
         load_judge_config(bad)
+    bad.write_text("backoff_base: 1.0\n")  # retries are the client's now: the old field is refused, named
+    with pytest.raises(JudgeError, match="unknown judge config field 'backoff_base'"):
+        load_judge_config(bad)
     bad.write_text("wasm_weights: [0, 1]\n")
     with pytest.raises(JudgeError, match="5 weights"):
         load_judge_config(bad)
+    bad.write_text("timeout: 0\n")
+    with pytest.raises(JudgeError, match="timeout must be > 0"):
+        load_judge_config(bad)
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(JudgeError, match="not valid YAML"):
+        load_judge_config(bad)
+    with pytest.raises(JudgeError, match="judge config not found"):
+        load_judge_config(tmp_path / "nowhere.yaml")
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(JudgeError, match="export OPENAI_API_KEY"):
         Judge(JudgeConfig(cache_dir=str(tmp_path / "c")))
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     assert load_judge_config(None).api_key_env == "OPENAI_API_KEY"
-    Judge(JudgeConfig(api_key_env="MY_JUDGE_KEY", cache_dir=str(tmp_path / "c")))
+    Judge(JudgeConfig(api_key_env="MY_JUDGE_KEY", cache_dir=str(tmp_path / "c"))).close()

@@ -162,3 +162,26 @@ def test_python_tokenizer_on_recorded_jar_output(text, expected):
 @needs_java
 def test_recorded_outputs_are_the_jars():
     assert rm.ptb_tokenize_java([t for t, _ in RECORDED_JAR]) == [e for _, e in RECORDED_JAR]
+
+
+@pytest.mark.parametrize("tokenizer", ["python", pytest.param("java", marks=needs_java)])
+def test_corpus_bleu1_through_the_whole_pipeline(tokenizer):
+    preds = ["Heart size is normal, no effusion.", "Small left effusion is seen."]
+    refs = [["The heart size is normal. No pleural effusion."], ["There is a small left pleural effusion."]]
+    m = rm.report_metrics(preds, refs, tokenizer=tokenizer, with_meteor=False)
+    assert m["tokenizer"] == ("ptb-java" if tokenizer == "java" else "ptb-python-fallback")
+    # By hand: lower-cased, "," and "." dropped. Prediction 1 (6 words) matches all 6 of "the heart
+    # size is normal no pleural effusion" (8); prediction 2 (5 words) matches small, left, effusion,
+    # is of "there is a small left pleural effusion" (7), not "seen". p1 = 10 / 11; c = 11 < r = 15,
+    # so BP = exp(1 - 15 / 11).
+    import math
+
+    assert m["bleu1"] == pytest.approx(math.exp(1 - 15 / 11) * 10 / 11, rel=1e-9)
+    assert m["bleu1"] >= m["bleu2"] >= m["bleu3"] >= m["bleu4"] > 0
+
+
+def test_identical_reports_score_one_through_the_whole_pipeline():
+    texts = ["No acute cardiopulmonary process.", "The heart size is normal, the lungs are clear."]
+    m = rm.report_metrics(texts, [[t] for t in texts], tokenizer="python", with_meteor=False)
+    assert [m[f"bleu{k}"] for k in range(1, 5)] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert m["rouge_l"] == pytest.approx(1.0) and m["meteor"] is None and "meteor_error" not in m

@@ -117,3 +117,81 @@ def test_closed_hit_uses_substrings_like_the_script():
     assert closed_hit("yes there is", "yes") == 1.0
     assert closed_hit("normal", "no") == 1.0          # "no" is inside "normal"
     assert closed_hit("no", "yes", compat=True) is None and closed_hit("no", "yes") == 0.0
+
+
+def test_several_references_any_one_counts():
+    # "Right." -> "right"; "the right" -> "right": equal to the second reference.
+    items = [{"prediction": "Right.", "answer": ["left", "the right"], "answer_type": "OPEN"},
+             {"prediction": "up", "answer": ["left", "right"], "answer_type": "OPEN"}]
+    assert vqa_accuracy(items)["correct"] == [True, False]
+
+
+# LLaVA-Med, item by item. Their run_eval.py lower-cases both texts and applies `normalize_word`
+# (VQA punctuation, number words to digits, articles dropped, commas removed); calculate_f1score
+# normalizes again and splits on whitespace into word counts. recall = tp / (tp + fn), where tp sums
+# the prediction's counts of the shared words and fn the reference's counts of the words the
+# prediction lacks. The expected values below are worked out by hand from those rules.
+@pytest.mark.parametrize("prediction, reference, expected", [
+    # "5.5cm": the period is followed by a digit, so it stays, and there is no space: one word
+    # "5.5cm". The reference splits into "5.5" and "cm". No shared word: tp = 0, recall 0. (A regex
+    # tokenizer splitting on non-alphanumerics sees "5 5 cm" in both and would give 1.)
+    ("5.5cm", "5.5 cm", 0.0),
+    ("5.5 cm", "5.5cm", 0.0),
+    # The final period is not followed by a digit: removed. "5.5 cm" vs "5.5 cm": tp = 2, fn = 0.
+    ("5.5 cm.", "5.5 cm", 1.0),
+    # Number words become digits: "three lesions" -> "3 lesions" against "3": tp = 1, fn = 0 -> 1.
+    # (A tokenizer without the number map shares nothing: 0.)
+    ("three lesions", "3", 1.0),
+    # The other way round: the reference "3 lesions"; tp = 1 ("3"), fn = 1 ("lesions") -> 1/2.
+    ("3", "three lesions", 0.5),
+    # '-' touches no space, so it becomes one: "left sided effusion"; vs "left sided": tp 2, fn 0 -> 1.
+    ("left-sided effusion", "left sided", 1.0),
+    # A digit-comma-digit group deletes every listed punctuation mark: "1000 ml" vs "1000 ml" -> 1.
+    ("1,000 ml", "1000 ml", 1.0),
+    # Articles dropped: "liver" vs "liver" -> 1.
+    ("The liver", "a liver", 1.0),
+    # tp counts the prediction's repeats: "left left" vs "left lung": tp = 2, fn = 1 -> 2/3.
+    ("left left", "left lung", 2 / 3),
+    # "none" and "zero" both map to "0" -> 1.
+    ("none", "zero", 1.0),
+    # Nothing left after normalization ("the" is an article): an empty prediction scores 0.
+    ("the", "liver", 0.0),
+])
+def test_llava_med_open_recall_items(prediction, reference, expected):
+    assert open_recall(prediction, reference) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("prediction, reference, fixed, compat", [
+    # "Yes." -> "yes": holds "yes" and the reference "yes" -> 1.
+    ("Yes.", "yes", 1.0, 1.0),
+    # The reference is normalized too: "Yes." -> "yes", a substring of "yes there is" -> 1. (Raw
+    # text would look for "yes." in "yes, there is" and miss.)
+    ("yes, there is", "Yes.", 1.0, 1.0),
+    # "None" -> "0", which holds neither "yes" nor "no" -> 0, in both modes (their script appended
+    # 0 here). On the raw text "none" holds "no" and the reference: a hit.
+    ("None", "no", 0.0, 0.0),
+    # Substrings, not words: "no" is inside "not seen" -> 1.
+    ("not seen", "no", 1.0, 1.0),
+    # A wrong yes/no: "no it is not" holds "no" but not "yes" -> 0; the published script appended
+    # nothing (dropped).
+    ("No, it is not.", "yes", 0.0, None),
+    # Neither "yes" nor "no": 0 in both modes.
+    ("maybe", "yes", 0.0, 0.0),
+])
+def test_llava_med_closed_items_on_normalized_text(prediction, reference, fixed, compat):
+    assert closed_hit(prediction, reference) == fixed
+    assert closed_hit(prediction, reference, compat=True) == compat
+
+
+def test_llava_med_aggregates_the_items_above():
+    items = [{"prediction": "5.5cm", "answer": "5.5 cm", "answer_type": "OPEN"},
+             {"prediction": "3", "answer": "three lesions", "answer_type": "OPEN"},
+             {"prediction": "three lesions", "answer": "3", "answer_type": "OPEN"},
+             {"prediction": "None", "answer": "no", "answer_type": "CLOSED"},
+             {"prediction": "yes, there is", "answer": "Yes.", "answer_type": "CLOSED"},
+             {"prediction": "No, it is not.", "answer": "yes", "answer_type": "CLOSED"}]
+    fixed, compat = llava_med_scores(items), llava_med_scores(items, compat=True)
+    assert fixed["open_recall"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert fixed["closed_accuracy"] == pytest.approx(1 / 3)      # 0, 1, 0
+    assert compat["closed_accuracy"] == pytest.approx(1 / 2)     # 0, 1 (the wrong yes/no dropped)
+    assert compat["n_closed_dropped"] == 1

@@ -1,90 +1,34 @@
 """evaluate.run / evaluate.ask / evaluate.answers with a tiny random model and a hand-made checkpoint.
 
-The checkpoint folder is written here by hand in the documented format (PEFT adapter keys,
-`projection.safetensors`, `config.yaml`), with non-zero LoRA B and projection weights so that
-loading them matters. The reference for every generated reply is a plain greedy loop on the model
-that holds those weights in memory: no KV cache, no padding, one item at a time, the whole
-sequence recomputed at each step.
+The `tiny` fixture (conftest.py) writes the checkpoint folder by hand in the documented format,
+with non-zero LoRA B and projection weights so that loading them matters. The reference for every
+generated reply is `greedy`, a plain greedy loop on the model that holds those weights in memory:
+no KV cache, no padding, one item at a time, the whole sequence recomputed at each step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from pefomed.engine.build import build_model, n_image_tokens
-from pefomed.engine.checkpoint import COMPLETE_MARK
-from pefomed.engine.config import load_config, save_config
+from pefomed.engine.build import n_image_tokens
 from pefomed.engine.data.collate import encode_prompt
-from pefomed.engine.data.images import load_image
 from pefomed.engine.data.prompts import build_prompt
-from pefomed.engine.data.readers import Sample
-from pefomed.engine.data.sources import fit_vocab_to_tokenizer, load_run_tokenizer, load_samples
-from pefomed.evaluate import ask, run
+from pefomed.engine.data.readers import DataError, Sample
+from pefomed.engine.data.sources import load_samples
+from pefomed.evaluate import run
 from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
 
-MAX_NEW = 4
+MAX_NEW = 4  # eval.max_new_tokens of the tiny config
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny config, its synthetic data and tokenizer, a model with trained-looking weights, and
-    that model's checkpoint folder inside a run's output_dir."""
-    root = tmp_path_factory.mktemp("tiny_eval")
-    data = root / "data"
-    cfg = load_config(None, [
-        "model.llm=tiny", "model.random_init=true", f"model.tokenizer={data / 'tokenizer'}",
-        "model.llm_overrides={hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4}",
-        "model.vision=tiny", "model.image_size=32", "model.dtype=float32", "model.kernels=torch",
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj, v_proj]",
-        f"data.train=[{{kind: synthetic, path: {data}, split: train}}]",
-        f"data.eval=[{{kind: synthetic, path: {data}, split: test}}]",
-        "data.synthetic_train=24", "data.synthetic_test=10", "data.max_length=128",
-        f"train.output_dir={root / 'run'}", "train.seed=3", "train.device=cpu",
-        f"eval.max_new_tokens={MAX_NEW}", "eval.batch_size=4",
-    ])
-    test_samples = load_samples(cfg.data.eval, cfg)  # writes the dataset and the demo tokenizer
-    tokenizer = load_run_tokenizer(cfg)
-    fit_vocab_to_tokenizer(cfg, tokenizer)
-    model = build_model(cfg, "cpu", log=lambda *_: None).eval()
-    generator = torch.Generator().manual_seed(11)
-    adapter = {}
-    for name, param in model.llm.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-            adapter[f"base_model.model.{name}"] = param.detach().clone()
-    for param in model.connector.parameters():
-        param.data = torch.randn(param.shape, generator=generator) * 0.05
-    step = root / "run" / "checkpoints" / "step_7"
-    step.mkdir(parents=True)
-    save_file(adapter, str(step / "adapter_model.safetensors"))
-    save_file({k: v.contiguous() for k, v in model.connector.state_dict().items()}, str(step / "projection.safetensors"))
-    save_config(cfg, step / "config.yaml")
-    (step / COMPLETE_MARK).write_text("7")
-    return {"cfg": cfg, "root": root, "run": root / "run", "step": step, "model": model, "tokenizer": tokenizer,
-            "test": test_samples}
-
-
-def reference_reply(tiny, image: str, task: str, question: str | None, template: str = "minigptv2",
+def reference_reply(tiny, greedy, image: str, task: str, question: str | None, template: str = "minigptv2",
                     max_new: int = MAX_NEW) -> str:
-    model, tok, cfg = tiny["model"], tiny["tokenizer"], tiny["cfg"]
-    ids, mask = encode_prompt(tok, build_prompt(task, question, template), n_image_tokens(cfg))
-    pixels = load_image(image, cfg.model.image_size)[None]
-    ids, mask = torch.tensor([ids]), torch.tensor([mask])
-    out = []
-    with torch.no_grad():
-        prompt = model.embed(pixels, ids, mask)
-        for _ in range(max_new):
-            emb = prompt if not out else torch.cat([prompt, model.llm.get_input_embeddings()(torch.tensor([out]))], 1)
-            token = int(model.llm(inputs_embeds=emb)[0, -1].argmax())
-            out.append(token)
-            if token == tok.eos_token_id:
-                break
-    return tok.decode(out, skip_special_tokens=True)
+    return greedy.reply(tiny["model"], tiny["tokenizer"], tiny["cfg"], image, task, question, template, max_new)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -94,26 +38,29 @@ def read_jsonl(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- evaluate.run
 
 
-def test_cli_writes_one_prediction_per_item_and_metrics(tiny, tmp_path):
+def test_cli_writes_one_prediction_per_item_and_metrics(tiny, greedy, tmp_path, cli):
     out = tmp_path / "eval"
-    assert run.main(["--checkpoint", str(tiny["run"]), "--split", "test", "--out", str(out)]) == 0
+    code, stdout, _ = cli("eval", "--checkpoint", tiny["run"], "--split", "test", "--out", out)
+    assert code == 0
     records = read_jsonl(out / "predictions.jsonl")
     samples = tiny["test"]
     assert len(records) == len(samples) == 10
     for record, sample in zip(records, samples):
         assert record["question"] == sample.question and record["answer"] == sample.answer
         assert record["image_used"] == record["image"] == sample.image_path and "error" not in record
-        expected = reference_reply(tiny, sample.image_path, "vqa", sample.question)
+        assert record["prompt"] == "minigptv2"
+        expected = reference_reply(tiny, greedy, sample.image_path, "vqa", sample.question)
         assert record["reply"] == expected
         assert record["prediction"] == extract_answer(expected, sample.meta["answer_type"], sample.question)
     metrics = json.loads((out / "metrics.json").read_text())
     exact = metrics["pefomed_exact_match"]
     assert exact["n"] == 10 and exact["n_closed"] + exact["n_open"] == 10
-    hits = [r["prediction"] == r["answer"] for r in records]
+    hits = [r["prediction"] == r["answer"] for r in records]  # synthetic answers are already normalized
     assert exact["overall"] == pytest.approx(sum(hits) / len(hits))
+    assert json.loads(stdout)["overall"] == pytest.approx(sum(hits) / len(hits))
 
 
-def test_batched_generation_equals_one_by_one(tiny):
+def test_batched_generation_equals_one_by_one(tiny, greedy):
     cfg, samples = tiny["cfg"], tiny["test"]
     lengths = {len(s.question) for s in samples[:7]}
     assert len(lengths) > 1, "the batch must mix prompt lengths, so that left padding is exercised"
@@ -121,7 +68,8 @@ def test_batched_generation_equals_one_by_one(tiny):
     batched = run.predict(model, tok, samples[:7], cfg, batch_size=7)
     single = run.predict(model, tok, samples[:7], cfg, batch_size=1)
     assert [r["reply"] for r in batched] == [r["reply"] for r in single]
-    assert [r["reply"] for r in single] == [reference_reply(tiny, s.image_path, "vqa", s.question) for s in samples[:7]]
+    assert [r["reply"] for r in single] == [reference_reply(tiny, greedy, s.image_path, "vqa", s.question)
+                                            for s in samples[:7]]
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 17, 64])
@@ -135,11 +83,11 @@ def test_derangement_is_deterministic_and_has_no_fixed_point(n):
 def test_derangement_needs_two_items():
     with pytest.raises(ValueError, match="at least 2"):
         run.derangement(1)
-    with pytest.raises(ValueError, match="two distinct images"):
+    with pytest.raises(DataError, match="two distinct images"):
         run.image_derangement(["a.png", "a.png"])
 
 
-def test_swap_images_gives_every_question_another_image(tiny, tmp_path):
+def test_swap_images_gives_every_question_another_image(tiny, greedy, tmp_path):
     cfg = tiny["cfg"]
     summary = run.evaluate_checkpoint(cfg, tiny["step"], split="test", out_dir=tmp_path, swap_images=True, limit=6)
     records = read_jsonl(tmp_path / "predictions.jsonl")
@@ -150,11 +98,11 @@ def test_swap_images_gives_every_question_another_image(tiny, tmp_path):
     assert sorted(mapping.values()) == sorted(mapping), "the replacements are the split's own images"
     assert run.image_derangement([r["image"] for r in records]) == mapping, "the same derangement every run"
     for r in records[:3]:
-        assert r["reply"] == reference_reply(tiny, r["image_used"], "vqa", r["question"])
+        assert r["reply"] == reference_reply(tiny, greedy, r["image_used"], "vqa", r["question"])
 
 
-def test_prompt_variant_and_other_dataset(tiny, tmp_path):
-    cfg, data = tiny["cfg"], tiny["root"] / "data"
+def test_prompt_variant_and_other_dataset(tiny, greedy, tmp_path):
+    cfg, data = tiny["cfg"], tiny["data"]
     summary = run.evaluate_checkpoint(cfg, tiny["run"], split="train", out_dir=tmp_path, prompt="expert",
                                       dataset=f"synthetic:{data}", limit=3)
     records = read_jsonl(tmp_path / "predictions.jsonl")
@@ -162,9 +110,70 @@ def test_prompt_variant_and_other_dataset(tiny, tmp_path):
     assert summary["n"] == 3 and [r["question"] for r in records] == [s.question for s in train]
     assert all(r["prompt"] == "expert" for r in records)
     for r in records:
-        assert r["reply"] == reference_reply(tiny, r["image"], "vqa", r["question"], template="expert")
+        assert r["reply"] == reference_reply(tiny, greedy, r["image"], "vqa", r["question"], template="expert")
     with pytest.raises(ValueError, match="nonsense"):
         run.evaluate_checkpoint(cfg, tiny["run"], split="test", out_dir=tmp_path / "x", prompt="nonsense", limit=1)
+
+
+def test_the_prompt_is_eval_prompt_not_data_template(tiny, greedy, tmp_path, cli):
+    # data.template is what training drew its prompts from; evaluation must use eval.prompt.
+    out = tmp_path / "eval"
+    code, _, _ = cli("eval", "--checkpoint", tiny["step"], "--out", out, "--limit", 4, "data.template=short",
+                     "eval.prompt=expert")
+    assert code == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    expert = [reference_reply(tiny, greedy, r["image"], "vqa", r["question"], template="expert") for r in records]
+    short = [reference_reply(tiny, greedy, r["image"], "vqa", r["question"], template="short") for r in records]
+    assert expert != short, "the two templates must lead to different replies, or this test shows nothing"
+    assert [r["reply"] for r in records] == expert and {r["prompt"] for r in records} == {"expert"}
+
+
+def _eot_tokenizer(tokenizer_dir: Path, out: Path, token_id: int) -> Path:
+    """A copy of the word-level demo tokenizer in which the word with id `token_id` is renamed
+    `<|eot_id|>` and made a special token, as LLaMA-3's end of turn is."""
+    shutil.copytree(tokenizer_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    (word,) = [w for w, i in vocab.items() if i == token_id]
+    del vocab[word]
+    vocab["<|eot_id|>"] = token_id
+    spec["added_tokens"].append({"id": token_id, "content": "<|eot_id|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [*config.get("extra_special_tokens", []), "<|eot_id|>"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_llama3_eot_id_stops_generation(tiny, greedy, tmp_path):
+    cfg, model, tok = tiny["cfg"], tiny["model"], tiny["tokenizer"]
+    specials = set(tok.all_special_ids)
+    # An item and a step k >= 1 whose greedy token is new (not generated before), not special and not
+    # in the prompt: renaming that token <|eot_id|> changes neither the prompt nor the steps before k.
+    found = None
+    for sample in tiny["test"]:
+        prompt_ids = set(encode_prompt(tok, build_prompt("vqa", sample.question, "minigptv2"), n_image_tokens(cfg))[0])
+        tokens = greedy.tokens(model, tok, cfg, sample.image_path, "vqa", sample.question)
+        for k in range(1, len(tokens)):
+            if tokens[k] not in tokens[:k] and tokens[k] not in specials | prompt_ids:
+                found = sample, tokens, k
+                break
+        if found:
+            break
+    assert found, "no usable step in the tiny model's replies"
+    sample, tokens, k = found
+    eot_dir = _eot_tokenizer(Path(cfg.model.tokenizer), tmp_path / "llama3_tokenizer", tokens[k])
+    eot_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=str(eot_dir)))
+    eval_model, eot_tok = run.load_model_for_eval(eot_cfg, tiny["step"])
+    assert eot_tok.get_vocab()["<|eot_id|>"] == tokens[k] and len(eot_tok) == len(tok)
+    assert tokens[k] in run.stop_token_ids(eot_tok) and tok.eos_token_id in run.stop_token_ids(eot_tok)
+    record = run.predict(eval_model, eot_tok, [sample], eot_cfg)[0]
+    # Generation stopped at <|eot_id|>: the reply is the tokens before it (the marker itself is special).
+    assert record["reply"] == tok.decode(tokens[:k], skip_special_tokens=True)
+    # With the original tokenizer, where that id is an ordinary word, the same model goes on.
+    full = tok.decode(tokens, skip_special_tokens=True)
+    assert run.predict(eval_model, tok, [sample], cfg)[0]["reply"] == full != record["reply"]
 
 
 def test_unreadable_item_is_counted_wrong_not_fatal(tiny, tmp_path):
@@ -195,51 +204,35 @@ def test_majority_baseline_by_answer_type_and_question_type():
     assert (by_question["closed"], by_question["open"], by_question["overall"]) == (1.0, 0.5, 0.75)
 
 
-def test_run_errors_name_the_missing_file(tiny, tmp_path, capsys):
-    broken = tmp_path / "step_1"
-    broken.mkdir()
-    (broken / "projection.safetensors").write_bytes((tiny["step"] / "projection.safetensors").read_bytes())
-    assert run.main(["--checkpoint", str(broken), "--out", str(tmp_path / "o")]) == 2
-    assert "adapter_model.safetensors" in capsys.readouterr().err
-    assert run.main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
-    assert "nowhere" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert run.main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
-    assert "empty: neither a checkpoint folder" in capsys.readouterr().err
-    assert run.main(["--checkpoint", str(tiny["step"]), "--out", str(tmp_path / "o"), "--dataset", "pathvqa"]) == 2
-    assert "kind:path" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------- evaluate.ask
 
 
-def test_ask_png_prints_the_greedy_answer(tiny, capsys):
+def test_ask_png_prints_the_greedy_answer(tiny, greedy, cli):
     image = tiny["test"][0].image_path
     question = "what organ is shown in this image?"
-    assert ask.main(["--checkpoint", str(tiny["run"]), "--image", image, "--question", question]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed == [extract_answer(reference_reply(tiny, image, "vqa", question), "OPEN", question)]
+    code, out, _ = cli("ask", "--checkpoint", tiny["run"], "--image", image, "--question", question)
+    assert code == 0
+    assert out.splitlines() == [extract_answer(reference_reply(tiny, greedy, image, "vqa", question), "OPEN", question)]
 
 
-def test_ask_dicom_report(tiny, capsys):
+def test_ask_jpeg_equals_the_reference_on_the_jpeg(tiny, greedy, tmp_path, cli):
+    from PIL import Image
+
+    jpg = tmp_path / "scan.jpg"
+    Image.open(tiny["test"][1].image_path).convert("RGB").save(jpg, quality=95)
+    question = "is there a lesion in this image?"
+    code, out, _ = cli("ask", "--checkpoint", tiny["step"], "--image", jpg, "--question", question)
+    assert code == 0
+    expected = extract_answer(reference_reply(tiny, greedy, str(jpg), "vqa", question), "CLOSED", question)
+    assert out.splitlines() == [expected]
+
+
+def test_ask_dicom_report(tiny, greedy, cli):
     pydicom_data = pytest.importorskip("pydicom.data")
     dcm = pydicom_data.get_testdata_file("CT_small.dcm")
-    assert ask.main(["--checkpoint", str(tiny["step"]), "--image", dcm, "--report", "--max-new-tokens", "6"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed == [clean_reply(reference_reply(tiny, dcm, "report", None, max_new=6))]
-
-
-def test_ask_errors_exit_2_naming_the_file(tiny, tmp_path, capsys):
-    garbage = tmp_path / "scan.png"
-    garbage.write_bytes(b"garbage")
-    assert ask.main(["--checkpoint", str(tiny["run"]), "--image", str(garbage), "--question", "q?"]) == 2
-    assert "scan.png" in capsys.readouterr().err
-    partial = tmp_path / "step_3"
-    partial.mkdir()
-    (partial / "adapter_model.safetensors").write_bytes((tiny["step"] / "adapter_model.safetensors").read_bytes())
-    image = tiny["test"][0].image_path
-    assert ask.main(["--checkpoint", str(partial), "--image", image, "--question", "q?"]) == 2
-    assert "projection.safetensors" in capsys.readouterr().err
+    code, out, _ = cli("ask", "--checkpoint", tiny["step"], "--image", dcm, "--report", "--max-new-tokens", 6)
+    assert code == 0
+    assert out.splitlines() == [clean_reply(reference_reply(tiny, greedy, dcm, "report", None, max_new=6))]
 
 
 # ---------------------------------------------------------------- evaluate.answers
@@ -261,6 +254,9 @@ def test_ask_errors_exit_2_naming_the_file(tiny, tmp_path, capsys):
     ("Normal study. Nothing else to add.", "CLOSED", None, "normal study"),
     ("absent\nbecause the lungs are clear", "CLOSED", None, "absent"),
     ("3.5 cm", "OPEN", None, "3.5 cm"),
+    ("Answer: chest\n\nExtra words", "OPEN", None, "chest"),
+    ("[/INST] left", "OPEN", None, "left"),
+    ("no</s>garbage", "CLOSED", None, "no"),
     # 4. answer leads
     ("The answer is chest.", "OPEN", None, "chest"),
     ("Answer: The answer is 2", "OPEN", None, "2"),

@@ -126,16 +126,18 @@ def test_bad_predictions_files(tmp_path, content, message):
     assert str(bad) in str(err.value)
 
 
-def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--predictions", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
-    assert done.value.code == 2 and "predictions file not found" in capsys.readouterr().err
+def test_cli_errors_exit_2_with_one_line(tmp_path, cli):
+    code, _, err = cli("score", "--predictions", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
+    assert code == 2 and err == f"error: {tmp_path / 'missing.jsonl'}: predictions file not found\n"
     preds = write_jsonl(tmp_path / "p.jsonl", [{"qid": 1, "prediction": "yes"}])
     refs = tmp_path / "refs.json"
     refs.write_text(json.dumps({"2": "yes"}))
-    with pytest.raises(SystemExit):
-        main(["--predictions", str(preds), "--references", str(refs), "--out", str(tmp_path / "o")])
-    assert "has no 'answer' and no entry in the references" in capsys.readouterr().err
+    code, _, err = cli("score", "--predictions", preds, "--references", refs, "--out", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {preds}: item 1 (qid 1) has no 'answer' and no entry in the references")
+    refs.write_text("{oops")
+    code, _, err = cli("score", "--predictions", preds, "--references", refs, "--out", tmp_path / "o")
+    assert code == 2 and err.startswith(f"error: {refs}: not valid JSON") and len(err.splitlines()) == 1
 
 
 def test_write_predictions_round_trip(tmp_path):
