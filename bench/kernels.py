@@ -226,10 +226,10 @@ def bench_nf4(bench: Bench, dtype: torch.dtype, shapes, m_values) -> None:
 
 def _nf4_cases(bench: Bench, weight: torch.Tensor, m_values, bnb_functional) -> None:
     """Dequantization vs bitsandbytes, then the fused NF4 matmul vs the dense one for each M."""
-    from pefomed.kernels.nf4 import dequantize_nf4, nf4_linear, quantize_nf4
+    from pefomed.kernels.nf4 import dequantize_nf4, nf4_linear, to_nf4
 
     n, k = weight.shape
-    q = quantize_nf4(weight)
+    q = to_nf4(weight)
     packed_bytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size()
     dequant_bytes = packed_bytes + weight.numel() * weight.element_size()
     baseline = None

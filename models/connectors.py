@@ -3,27 +3,22 @@
 MiniGPT-v2's connector drops the CLS token, concatenates every `group` consecutive visual
 tokens (`view(B, N/group, group*D)`) and applies one trainable `Linear(group*D, llm_dim)`,
 which MiniGPT-v2 names `llama_proj`. The "spatial" layout concatenates 2x2 neighbours on the
-patch grid instead (pixel-shuffle, as in InternVL and Idefics3). The arithmetic is in
-`kernels.reference` for `kernels: torch`, and `kernels.visual_proj`, the Triton kernel
-whose gather happens inside its loads, for `kernels: triton`.
+patch grid instead (pixel-shuffle, as in InternVL and Idefics3).
+
+The arithmetic is the `projection` callable the builder hands in, with the signature of
+`kernels.reference.grouped_projection_reference` (the default): the engine passes the Triton op
+(`kernels.visual_proj.grouped_projection`, whose gather happens inside its loads) for
+`model.kernels: triton`, see engine/ops.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-
-def _projection_function(kernels: str):
-    if kernels == "triton":
-        from pefomed.kernels.visual_proj import grouped_projection
-
-        return grouped_projection
-    if kernels == "torch":
-        from pefomed.kernels.reference import grouped_projection_reference
-
-        return grouped_projection_reference
-    raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")
+from pefomed.kernels.reference import grouped_projection_reference
 
 
 class GroupedProjection(nn.Module):
@@ -34,7 +29,7 @@ class GroupedProjection(nn.Module):
         group: int = 4,
         layout: str = "sequence",
         drop_cls: bool = True,
-        kernels: str = "torch",
+        projection: Callable[..., torch.Tensor] = grouped_projection_reference,
     ) -> None:
         super().__init__()
         if layout not in ("sequence", "spatial"):
@@ -43,8 +38,7 @@ class GroupedProjection(nn.Module):
             raise ValueError("the spatial (2x2 pixel-shuffle) layout groups exactly 4 tokens")
         self.group, self.layout, self.drop_cls = group, layout, drop_cls
         self.llama_proj = nn.Linear(group * vision_dim, llm_dim)
-        self.kernels = kernels
-        self._fn = _projection_function(kernels)
+        self._fn = projection
 
     def n_output_tokens(self, n_vision_tokens: int) -> int:
         n = n_vision_tokens - (1 if self.drop_cls else 0)

@@ -3,7 +3,8 @@
 Modules are named exactly as in the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, ...) and RoPE is HF's rotate-half form, so a checkpoint
 loads with no rename and no q/k permutation. Every projection is made through a
-`linear_factory(name, in, out, bias)`, which is how LoRA is built in (see engine/lora.py).
+`linear_factory(name, in, out, bias)`: the caller decides what each projection is (the engine
+builds its adapters and quantized layers there, see engine/lora.py); the default is `nn.Linear`.
 
 Attention runs through `F.scaled_dot_product_attention` by default. flash-attn or xformers run
 only when `attn_implementation` asks for them (and they are installed), and only where the mask
@@ -18,7 +19,7 @@ import importlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -562,11 +563,13 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         linear_factory: LinearFactory | None = None,
         attn_implementation: str | None = None,
+        allow_missing: Iterable[str] = (),
     ) -> LlamaForCausalLM:
         """Read config.json, build on the meta device, assign the checkpoint tensor by tensor.
 
-        LoRA adapters made by `linear_factory` are not in a base checkpoint: they are created
-        on `device` and initialized by their module's `reset_lora_parameters()`.
+        Parameters whose names match an `allow_missing` regex may be absent from the checkpoint
+        (parameters that `linear_factory`'s modules add): they stay on the meta device, for the
+        caller to materialize. Any other parameter left without a value is an error.
         """
         path = Path(path)
         if not path.is_dir():
@@ -582,12 +585,11 @@ class LlamaForCausalLM(nn.Module):
             iter_state_dict(path),
             dtype=dtype,
             device=device,
-            allow_missing=[r"\.lora_[AB]\."],
+            allow_missing=allow_missing,
             ignore=[r"(^|\.)rotary_emb\.inv_freq$"],  # saved by old transformers versions
             source=str(path),
         )
-        _init_fresh_adapters(model, device, dtype)
-        leftover = meta_tensor_names(model)
+        leftover = meta_tensor_names(model, allow=allow_missing)
         if leftover:
             raise CheckpointError(f"{path}: no values for {leftover[:8]} after loading (no checkpoint key, no init)")
         return model
@@ -642,23 +644,6 @@ def _describe_dim(fields: tuple[str, ...], config: dict[str, Any]) -> str:
         return f"{fields[0]}={config[fields[0]]}"
     values = [config[f] for f in fields]
     return f"{' * '.join(fields)} = {' * '.join(map(str, values))} = {math.prod(values)}"
-
-
-def _init_fresh_adapters(model: nn.Module, device, dtype: torch.dtype) -> None:
-    """Materialize LoRA weights a base checkpoint does not hold, and initialize them (B = 0)."""
-    for module in model.modules():
-        if not hasattr(module, "reset_lora_parameters"):
-            continue
-        fresh = False
-        for sub in module.modules():
-            for leaf, p in list(sub.named_parameters(recurse=False)):
-                if p.is_meta:
-                    sub._parameters[leaf] = nn.Parameter(
-                        torch.empty(p.shape, device=device, dtype=dtype), requires_grad=p.requires_grad
-                    )
-                    fresh = True
-        if fresh:
-            module.reset_lora_parameters()
 
 
 def _require_attention_backend(name: str) -> None:

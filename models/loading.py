@@ -6,21 +6,31 @@ wrapper is unwrapped); or a folder holding `model.safetensors`, a sharded
 `model.safetensors.index.json`, `pytorch_model.bin` or its index. Tensors are assigned one by
 one (`assign=True` semantics), so a model built on the meta device is never held twice.
 
+A module may take charge of how its tensors are stored: when the module that owns a parameter
+defines `convert_loaded(leaf_name, tensor) -> tensor`, each checkpoint tensor passes through it
+(after the dtype and device cast) before it is assigned. A layer that keeps its weight quantized
+quantizes it there, one tensor at a time.
+
 After loading, every module that defines `reset_buffers()` is asked to recompute its
 non-persistent buffers (RoPE's `inv_freq`), which a checkpoint does not hold and which a meta
 build leaves without storage.
+
+A file that cannot be read (truncated, corrupt, not a checkpoint at all, a shard named by the
+index but absent) is a `CheckpointError` that names the file; a missing file is also a
+`FileNotFoundError`.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pefomed.errors import UserError
@@ -37,6 +47,10 @@ ShapeHint = Callable[[str, tuple[int, ...], tuple[int, ...]], "str | None"]
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model, with the file, the key and the fix."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file or shard that is not where the path (or the shard index) says."""
 
 
 @dataclass
@@ -56,7 +70,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file or folder")
     for index_name in INDEX_FILES:
         if (path / index_name).exists():
             return _shards_from_index(path / index_name)
@@ -74,7 +88,7 @@ def _shards_from_index(index: Path) -> list[Path]:
     shards = [index.parent / name for name in sorted(set(weight_map.values()))]
     missing = [s.name for s in shards if not s.exists()]
     if missing:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{index} names shard(s) that are missing from {index.parent}: {missing}; the download "
             "is incomplete, fetch those files again"
         )
@@ -91,7 +105,7 @@ def _only_weight_file(folder: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{folder}: no weights found; expected model.safetensors, "
             "model.safetensors.index.json (+ shards), pytorch_model.bin, or one .safetensors/.pth/.bin file"
         )
@@ -101,14 +115,32 @@ def _only_weight_file(folder: Path) -> Path:
     )
 
 
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+    # Not a zip archive: the legacy torch.save format (no mmap), or not a torch file at all.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
+        data = _torch_load(path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: missing ({e.strerror}); fetch the file again") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise _unreadable(path, e) from e
         raise CheckpointError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({e}); convert it to "
-            "safetensors, or re-save it as a plain state dict of tensors"
+            f"{path}: cannot be read with torch.load(weights_only=True): it holds objects other than "
+            f"tensors ({found.group(1)}); convert it to safetensors, or re-save it as a plain "
+            "state dict of tensors"
         ) from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+        raise _unreadable(path, e) from e
     # LAVIS / MiniGPT-v2 files hold {"model": state_dict, ...}; some trainers use "state_dict".
     if isinstance(data, dict) and not any(torch.is_tensor(v) for v in data.values()):
         for key in WRAPPER_KEYS:
@@ -121,13 +153,38 @@ def _read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in data.items() if torch.is_tensor(v)}
 
 
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    text = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    detail = unpickler.group(1).strip() if unpickler else (text.splitlines()[0] if text else type(error).__name__)
+    detail = detail.split(". ")[0]  # the first sentence: torch's zip-reader errors run on for lines
+    return CheckpointError(
+        f"{path}: not a readable checkpoint, the file is truncated or corrupt ({detail}); "
+        "download or copy it again"
+    )
+
+
+def _iter_safetensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        handle = safe_open(str(shard), framework="pt", device="cpu")
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{shard}: missing ({e.strerror}); fetch the file again") from e
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(shard, e) from e
+    with handle as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+            try:
+                tensor = f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise _unreadable(shard, e) from e
+            yield name, tensor
+
+
 def iter_state_dict(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs, one shard at a time, each tensor read only when it is reached."""
     for shard in checkpoint_files(path):
         if shard.suffix == ".safetensors":
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    yield name, f.get_tensor(name)
+            yield from _iter_safetensors(shard)
         elif shard.suffix in TORCH_SUFFIXES:
             yield from _read_torch_file(shard).items()
         else:
@@ -161,10 +218,11 @@ def load_into(
 
     `rename` maps a checkpoint key to the model's name (None drops it). `ignore` holds regexes
     of checkpoint keys to drop silently; `allow_missing` regexes of model names that may stay
-    unfilled (LoRA adapters, which a base checkpoint does not have). Float tensors are cast to
+    unfilled (parameters the caller initializes itself, which the checkpoint does not have). Float tensors are cast to
     `dtype` when given, otherwise to the dtype of a model tensor that is already materialized.
     `shape_hint(name, checkpoint_shape, model_shape)` (default: `model.shape_mismatch_hint`)
-    explains a mismatch in terms of the model's config. Tied parameters stay tied.
+    explains a mismatch in terms of the model's config. Tied parameters stay tied. The module
+    owning a tensor may convert it on arrival (`convert_loaded`, see the module docstring).
     """
     targets = _load_targets(model)
     ignore_re = [re.compile(p) for p in ignore]
@@ -188,6 +246,7 @@ def load_into(
             continue
         tensor = _converted(tensor, current, dtype, device)
         first_device = first_device or tensor.device
+        tensor = _owner_conversion(model, name, tensor)
         _assign(model, targets[name], tensor)
         loaded.update(targets[name].aliases)
     if mismatched:
@@ -242,6 +301,13 @@ def _converted(
     else:
         dtype = None  # integer buffers (position ids, quant codes) keep their dtype
     return tensor.to(device=device, dtype=dtype)
+
+
+def _owner_conversion(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    convert = getattr(owner, "convert_loaded", None)
+    return convert(leaf, tensor) if convert is not None else tensor
 
 
 def _describe_mismatch(key: str, name: str, got: tuple, want: tuple, hint: ShapeHint | None) -> str:
@@ -300,10 +366,11 @@ def _materialize_non_persistent_buffers(model: nn.Module, device) -> None:
                 module._buffers[leaf] = torch.empty_like(buf, device=device)
 
 
-def meta_tensor_names(model: nn.Module) -> list[str]:
-    """Parameters and buffers that still have no storage."""
+def meta_tensor_names(model: nn.Module, allow: Iterable[str] = ()) -> list[str]:
+    """Parameters and buffers that still have no storage, except names matching `allow` regexes."""
+    allowed = [re.compile(p) for p in allow]
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [name for name, t in tensors if t.is_meta]
+    return [name for name, t in tensors if t.is_meta and not any(r.search(name) for r in allowed)]
 
 
 def materialize_meta(model: nn.Module, device: torch.device | str, init: Callable[[nn.Module], None]) -> None:

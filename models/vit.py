@@ -16,7 +16,7 @@ its `ln_vision` LayerNorm lives in models/vlm.py (transformers stores that same 
 `Blip2VisionModel.post_layernorm`).
 
 Every linear layer is made through `linear_factory(name, in, out, bias)` as in models/llama.py,
-so LoRA can be built into the ViT; `qkv` is bias-free there and its bias is added apart.
+so the engine decides what each one is; `qkv` is bias-free there and its bias is added apart.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pefomed.models.llama import LinearFactory, default_linear
-from pefomed.models.loading import CheckpointError, iter_state_dict, load_into
+from pefomed.models.loading import CheckpointError, iter_state_dict, load_into, meta_tensor_names
 
 Items = Iterable[tuple[str, torch.Tensor]]
 # (checkpoint key, our name, tensor): the checkpoint key is kept for error messages.
@@ -156,7 +156,7 @@ class Attention(nn.Module):
             # The frozen path: the bias rides in the GEMM's epilogue.
             qkv = F.linear(x, self.qkv.weight, bias)
         else:
-            # A LoRA (or other adapter) module has its own forward, which must not be bypassed.
+            # Any other module from the factory has its own forward, which must not be bypassed.
             qkv = self.qkv(x) + bias
         q, k, v = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
@@ -256,6 +256,7 @@ class VisionTransformer(nn.Module):
         device: torch.device | str = "cpu",
         layout: str = "lavis",
         linear_factory: LinearFactory | None = None,
+        allow_missing: Iterable[str] = (),
     ) -> VisionTransformer:
         """Build on the meta device and assign the checkpoint's tensors one at a time.
 
@@ -263,6 +264,8 @@ class VisionTransformer(nn.Module):
         config.json is read). The layout's rename runs while the file streams in; the position
         grid is resized bicubically when the checkpoint's differs (224 px -> 448 px for EVA-g);
         blocks after `output_layer` and a final norm the config does not have are skipped.
+        Parameters matching an `allow_missing` regex may be absent from the checkpoint; they stay
+        on the meta device for the caller to materialize.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"vision layout {layout!r}: expected one of {sorted(LAYOUTS)}")
@@ -275,10 +278,12 @@ class VisionTransformer(nn.Module):
             _fit(converted, model, str(path), layout),
             dtype=dtype,
             device=device,
-            allow_missing=[r"\.lora_[AB]\."],
+            allow_missing=allow_missing,
             source=str(path),
         )
-        _init_fresh_adapters(model, device, dtype)
+        leftover = meta_tensor_names(model, allow=allow_missing)
+        if leftover:
+            raise CheckpointError(f"{path}: no values for {leftover[:8]} after loading (no checkpoint key, no init)")
         return model
 
 
@@ -292,15 +297,6 @@ def _resolve_config(path: str | Path, config: VisionConfig | str | None, layout:
     if layout == "lavis":
         raise ValueError(f"{path}: a LAVIS checkpoint has no config file; pass config= (e.g. 'eva-g-14')")
     return config_from_hf(path)
-
-
-def _init_fresh_adapters(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
-    """LoRA weights are not in a base checkpoint: materialize and initialize them (B = 0)."""
-    for module in model.modules():
-        if hasattr(module, "reset_lora_parameters") and module.lora_A.weight.is_meta:
-            module.lora_A.to_empty(device=device).to(dtype)
-            module.lora_B.to_empty(device=device).to(dtype)
-            module.reset_lora_parameters()
 
 
 def _fit(converted: Converted, model: VisionTransformer, source: str, layout: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,6 +3,10 @@
 Every case draws fresh inputs with sizes that are not multiples of the interpreter's 16-wide tiles
 (D = 24 or 9 splits into a full and a masked K slice per token; 27 rows, 40 columns), and bounds
 the relative error of the output and of every gradient against a float64 computation.
+Every gradient is pulled back from a random upstream gradient, never from a plain `sum()`.
+
+The tensors live on the GPU when there is one (there the kernels run compiled); without one, on
+the CPU under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
 import pytest
@@ -19,6 +23,7 @@ CASES = [  # (batch, patch tokens N, D, out_dim, layout, drop_cls, bias)
 ]
 # fp16 inputs: one rounding of each output (2^-11) plus fp16 inputs; a wrong row/column/token is O(1).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,9 +45,9 @@ def explicit_groups(feats: torch.Tensor, layout: str, drop_cls: bool) -> torch.T
 
 
 def make_inputs(b, n, d, out_dim, drop_cls, has_bias, dtype, weight_dtype=None):
-    feats = torch.randn(b, n + (1 if drop_cls else 0), d, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(out_dim, 4 * d) / (4 * d) ** 0.5).to(weight_dtype or dtype).requires_grad_()
-    bias = torch.randn(out_dim, dtype=weight_dtype or dtype, requires_grad=True) if has_bias else None
+    feats = torch.randn(b, n + (1 if drop_cls else 0), d, dtype=dtype, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(out_dim, 4 * d, device=DEVICE) / (4 * d) ** 0.5).to(weight_dtype or dtype).requires_grad_()
+    bias = torch.randn(out_dim, dtype=weight_dtype or dtype, device=DEVICE, requires_grad=True) if has_bias else None
     return feats, weight, bias
 
 
@@ -87,10 +92,10 @@ def test_reference_matches_the_explicit_grouping():
 def test_spatial_layout_is_idefics3_pixel_shuffle():
     idefics3 = pytest.importorskip("transformers.models.idefics3.modeling_idefics3")
     side, d = 6, 3
-    feats = torch.randn(2, side * side, d)
+    feats = torch.randn(2, side * side, d, device=DEVICE)
     # pixel_shuffle reads nothing from self; the connector's own config is irrelevant here.
     shuffled = idefics3.Idefics3Connector.pixel_shuffle(None, feats, scale_factor=2)
-    identity = torch.eye(4 * d)
+    identity = torch.eye(4 * d, device=DEVICE)
     got = grouped_projection(feats, identity, None, layout="spatial", drop_cls=False)
     assert torch.equal(got, shuffled)
     assert torch.equal(grouped_projection_reference(feats, identity, None, layout="spatial", drop_cls=False), shuffled)
@@ -98,11 +103,11 @@ def test_spatial_layout_is_idefics3_pixel_shuffle():
 
 def test_strided_features_and_fp32_master_weights():
     """Non-contiguous feats are read through their strides; fp32 weight/bias with fp16 activations."""
-    big = torch.randn(2, 17, 30, dtype=torch.float16)
+    big = torch.randn(2, 17, 30, dtype=torch.float16, device=DEVICE)
     feats_view = big[:, :, 3:22]  # D = 19, token stride 30
     assert not feats_view.is_contiguous()
-    weight = (torch.randn(21, 4 * 19) / 9).requires_grad_()
-    bias = torch.randn(21, requires_grad=True)
+    weight = (torch.randn(21, 4 * 19, device=DEVICE) / 9).requires_grad_()
+    bias = torch.randn(21, device=DEVICE, requires_grad=True)
     y = grouped_projection(feats_view, weight, bias)
     f64, w64, b64 = float64_twins(feats_view, weight, bias)
     ref = grouped_projection_reference(f64, w64, b64)
@@ -121,8 +126,8 @@ def placement_case(dtype=torch.float32):
     b, n, d, out_dim, seq = 2, 16, 6, 19, 9
     feats, weight, bias = make_inputs(b, n, d, out_dim, True, True, dtype)
     # image tokens at positions 2..5 of sequence 0 and 4..7 of sequence 1 (the 2nd one at the end)
-    rows = torch.tensor([2, 3, 4, 5, seq + 4, seq + 5, seq + 6, seq + 7])
-    text = torch.randn(b * seq, out_dim, dtype=dtype)
+    rows = torch.tensor([2, 3, 4, 5, seq + 4, seq + 5, seq + 6, seq + 7], device=DEVICE)
+    text = torch.randn(b * seq, out_dim, dtype=dtype, device=DEVICE)
     return feats, weight, bias, text, rows
 
 
@@ -130,7 +135,7 @@ def test_placement_writes_exactly_the_given_rows():
     feats, weight, bias, text, rows = placement_case()
     buffer = text.clone()
     buffer[rows] = float("nan")  # poisoned: each of these rows must be overwritten
-    untouched = torch.ones(len(buffer), dtype=torch.bool)
+    untouched = torch.ones(len(buffer), dtype=torch.bool, device=DEVICE)
     untouched[rows] = False
     returned = grouped_projection(feats, weight, bias, out=buffer, row_index=rows)
     assert returned.data_ptr() == buffer.data_ptr()  # in place, no concatenated copy
@@ -163,7 +168,7 @@ def test_custom_op_registrations():
         torch.ops.pefomed.grouped_projection.default, (feats, weight, bias, 4, "spatial", True),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )  # fmt: skip
-    dy = torch.randn(1, 4, 7)
+    dy = torch.randn(1, 4, 7, device=DEVICE)
     torch.library.opcheck(
         torch.ops.pefomed.grouped_projection_backward.default,
         (dy, feats.detach(), weight.detach(), None, 4, "spatial", True, True, True, True),
@@ -173,11 +178,14 @@ def test_custom_op_registrations():
 
 def test_compiles_fullgraph_with_gradients():
     feats, weight, bias, text, rows = placement_case()
+    # Random upstream gradients for both outputs (a plain sum() would send 1 to every element).
+    g_plain = torch.randn(feats.shape[0], 4, weight.shape[0], device=DEVICE)
+    g_placed = torch.randn(text.shape, device=DEVICE)
 
     def step(feats, weight, bias, text):
         plain = grouped_projection(feats, weight, bias, layout="spatial")
         placed = grouped_projection(feats, weight, bias, out=text * 1.0, row_index=rows)
-        return (plain * plain).sum() + (placed.sin()).sum()
+        return (plain * g_plain).sum() + (placed * g_placed).sum()
 
     text = text.requires_grad_()
     # aot_eager: dynamo + AOT autograd + functionalization of the in-place op, as inductor sees
@@ -188,7 +196,7 @@ def test_compiles_fullgraph_with_gradients():
     f64, w64, b64, t64 = float64_twins(feats, weight, bias, text)
     plain = grouped_projection_reference(f64, w64, b64, layout="spatial")
     placed = grouped_projection_reference(f64, w64, b64, out=t64 * 1.0, row_index=rows)
-    ref = (plain * plain).sum() + placed.sin().sum()
+    ref = (plain * g_plain.double()).sum() + (placed * g_placed.double()).sum()
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
     for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad), (text.grad, t64.grad)):
@@ -196,26 +204,36 @@ def test_compiles_fullgraph_with_gradients():
 
 
 def test_bad_inputs_are_clear():
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    def rows(*values):
+        return torch.tensor(values, device=DEVICE)
+
     with pytest.raises(ValueError, match="cannot be grouped by 4"):
-        grouped_projection(torch.randn(1, 8, 4), torch.randn(3, 16), None)  # 7 tokens after CLS
+        grouped_projection(t(1, 8, 4), t(3, 16), None)  # 7 tokens after CLS
     with pytest.raises(ValueError, match="even square patch grid"):
-        grouped_projection(torch.randn(1, 13, 4), torch.randn(3, 16), None, layout="spatial")  # 12 tokens
+        grouped_projection(t(1, 13, 4), t(3, 16), None, layout="spatial")  # 12 tokens
     with pytest.raises(ValueError, match=r"weight must be \[out_dim, group\*D\] = \[out_dim, 16\]"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 12), None)
+        grouped_projection(t(1, 9, 4), t(3, 12), None)
     with pytest.raises(ValueError, match=r"bias has shape \[4\], expected \[3\]"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), torch.randn(4))
+        grouped_projection(t(1, 9, 4), t(3, 16), t(4))
     with pytest.raises(ValueError, match="layout 'grid'"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, layout="grid")
+        grouped_projection(t(1, 9, 4), t(3, 16), None, layout="grid")
     with pytest.raises(ValueError, match="go together"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3))
+        grouped_projection(t(1, 9, 4), t(3, 16), None, out=t(5, 3))
     with pytest.raises(ValueError, match="row_index must be a 1-D int64/int32 tensor of 2 row numbers"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3), row_index=torch.tensor([1]))
+        grouped_projection(t(1, 9, 4), t(3, 16), None, out=t(5, 3), row_index=rows(1))
     with pytest.raises(ValueError, match=r"out must be \[rows, 3\]"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 4), row_index=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
-        grouped_projection(torch.randn(1, 9, 4), torch.randn(3, 16), None, out=torch.zeros(5, 3), row_index=torch.tensor([1, 5]))
+        grouped_projection(t(1, 9, 4), t(3, 16), None, out=t(5, 4), row_index=rows(1, 2))
+    if DEVICE == "cpu":  # checked on the host for CPU indices; on the GPU the kernel masks them instead
+        with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+            grouped_projection(t(1, 9, 4), t(3, 16), None, out=t(5, 3), row_index=rows(1, 5))
     with pytest.raises(TypeError, match="float64"):
-        grouped_projection(torch.randn(1, 9, 4, dtype=torch.float64), torch.randn(3, 16), None)
+        grouped_projection(t(1, 9, 4, dtype=torch.float64), t(3, 16), None)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="different devices"):
+            grouped_projection(t(1, 9, 4), torch.randn(3, 16), None)
 
 
 @pytest.mark.gpu

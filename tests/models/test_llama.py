@@ -344,3 +344,34 @@ def test_optional_backends_get_the_layout_they_expect(tmp_path, monkeypatch, bac
     out = ours.generate(ids, max_new_tokens=3)
     assert torch.equal(out, stepwise_greedy(ours, ids, torch.ones_like(ids), 3))
     assert ((2, 1, 4, 16), (2, 8, kv_heads, 16), False) in calls  # a decode step without a mask
+
+
+class ScaledLinear(torch.nn.Linear):
+    """A projection with one parameter more than a checkpoint holds (as a caller's factory may add)."""
+
+    def __init__(self, i, o, bias):
+        super().__init__(i, o, bias=bias)
+        self.scale = torch.nn.Parameter(torch.empty(o))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_parameters_a_checkpoint_lacks_are_the_callers_to_fill(tmp_path):
+    """`allow_missing`: the factory's extra parameters stay on meta; anything else missing is an error."""
+    hf = save_hf(tmp_path, "llama2-mha")
+
+    def factory(name, i, o, bias):
+        return ScaledLinear(i, o, bias) if name.endswith("v_proj") else torch.nn.Linear(i, o, bias=bias)
+
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint.*self_attn\.v_proj\.scale"):
+        LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, linear_factory=factory)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, linear_factory=factory, allow_missing=[r"\.scale$"])
+    left = [n for n, p in ours.named_parameters() if p.is_meta]
+    assert left == [f"model.layers.{i}.self_attn.v_proj.scale" for i in range(3)]
+    for name in left:
+        owner = ours.get_submodule(name.rsplit(".", 1)[0])
+        owner.scale = torch.nn.Parameter(torch.ones(owner.out_features))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) < 1e-5

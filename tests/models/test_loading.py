@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pefomed.errors import UserError
 from pefomed.models.loading import (
     CheckpointError,
+    CheckpointNotFoundError,
     iter_state_dict,
     load_into,
     meta_tensor_names,
@@ -79,7 +81,7 @@ def test_sharded_iteration_reads_one_shard_at_a_time(tmp_path):
     # The second shard is opened only when reached: removing it now fails later, not earlier.
     (folder / "model-00002-of-00002.safetensors").unlink()
     names = [first_name]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointNotFoundError, match="model-00002-of-00002.safetensors: missing"):
         for name, _ in it:
             names.append(name)
     assert names == ["a.weight", "steps"]  # shard 1 holds the 1st and 3rd sorted names
@@ -88,7 +90,9 @@ def test_sharded_iteration_reads_one_shard_at_a_time(tmp_path):
 def test_missing_shard_is_named(tmp_path):
     folder = write_sharded_safetensors(tmp_path / "s", tensors())
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"model.safetensors.index.json.*model-00002-of-00002.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json names shard\(s\) that are missing.*model-00002-of-00002.safetensors"):
+        read_state_dict(folder)
+    with pytest.raises(FileNotFoundError):  # also an OS error about a path, for callers that catch those
         read_state_dict(folder)
 
 
@@ -109,8 +113,50 @@ class Evil:
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": {"w": torch.ones(1)}, "obj": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="evil.pth: cannot be read with torch.load.weights_only=True.: it holds objects"):
         read_state_dict(tmp_path / "evil.pth")
+
+
+LEGACY = {"w": torch.arange(6.0).reshape(2, 3), "steps": torch.arange(4)}
+
+
+def damaged_files(tmp_path):
+    """Files that look like checkpoints by name and are not: cut short, random bytes, empty."""
+    save_file(tensors(), str(tmp_path / "good.safetensors"))
+    torch.save(tensors(), tmp_path / "good.pth")
+    legacy = tmp_path / "legacy.pth"  # the pre-zip torch.save format: readable, just not mmap-able
+    torch.save(LEGACY, legacy, _use_new_zipfile_serialization=False)
+    files = {}
+    for suffix in ("safetensors", "pth"):
+        data = (tmp_path / f"good.{suffix}").read_bytes()
+        for kind, content in (("truncated", data[: len(data) // 2]), ("header-only", data[:40]),
+                              ("garbage", bytes(range(256)) * 4), ("empty", b"")):  # fmt: skip
+            path = tmp_path / f"{kind}.{suffix}"
+            path.write_bytes(content)
+            files[path.name] = path
+    return files, legacy
+
+
+def test_damaged_files_are_checkpoint_errors_that_name_the_file(tmp_path):
+    files, legacy = damaged_files(tmp_path)
+    for name, path in files.items():
+        with pytest.raises(CheckpointError) as err:
+            read_state_dict(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: not a readable checkpoint, the file is truncated or corrupt"), name
+        assert isinstance(err.value, UserError)
+    got = read_state_dict(legacy)
+    assert got.keys() == LEGACY.keys() and all(torch.equal(got[k], v) for k, v in LEGACY.items())
+
+
+def test_damaged_shard_is_named_when_it_is_reached(tmp_path):
+    folder = write_sharded_safetensors(tmp_path / "s", tensors())
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with torch.device("meta"):
+        model = nn.Sequential()
+    with pytest.raises(CheckpointError, match=f"{shard}: not a readable checkpoint"):
+        load_into(model, iter_state_dict(folder), strict=False)
 
 
 class WithRope(nn.Module):
@@ -209,3 +255,41 @@ def test_tied_weights_stay_tied_after_a_meta_load():
         model = Tied()
     load_into(model, {"head.weight": weight})  # either name of a tied pair fills both
     assert model.head.weight is model.embed.weight and not model.embed.weight.is_meta
+
+
+class StoresRounded(nn.Module):
+    """A layer that keeps its weight in its own format (here: fp16), set as each tensor arrives."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(3, 4), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(3))
+        self.seen = []
+
+    def convert_loaded(self, name, tensor):
+        self.seen.append((name, tensor.dtype))
+        return tensor.half() if name == "weight" else tensor
+
+
+def test_owner_module_converts_each_tensor_as_it_is_assigned():
+    with torch.device("meta"):
+        model = nn.Sequential(StoresRounded(), nn.Linear(3, 2))
+    sd = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3), "1.weight": torch.randn(2, 3), "1.bias": torch.randn(2)}
+    load_into(model, sd, dtype=torch.float64)
+    layer = model[0]
+    assert layer.seen == [("weight", torch.float64), ("bias", torch.float64)]  # after the cast, once each
+    assert layer.weight.dtype == torch.float16 and not layer.weight.requires_grad
+    assert torch.equal(layer.weight, sd["0.weight"].double().half())
+    assert layer.bias.dtype == torch.float64 and layer.bias.requires_grad
+    assert model[1].weight.dtype == torch.float64
+
+
+def test_allowed_missing_names_stay_on_meta_for_the_caller():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    sd = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \['1.weight', '1.bias'\]"):
+        load_into(model, sd)
+    load_into(model, sd, allow_missing=[r"^1\."])
+    assert meta_tensor_names(model) == ["1.weight", "1.bias"]
+    assert meta_tensor_names(model, allow=[r"^1\."]) == []
