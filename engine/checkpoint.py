@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from pefomed.engine import distributed
 from pefomed.engine.config import Config, save_config
 from pefomed.engine.lora import PEFT_PREFIX, peft_adapter_config, write_adapter_config
-from pefomed.errors import UserError
+from pefomed.models.loading import CheckpointError, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARK = "COMPLETE"
 # Fields that name files a run started from; a checkpoint's own weights supersede them.
 START_FROM_FIELDS = ("projection_checkpoint", "adapter_checkpoint")
-
-
-class CheckpointError(UserError):
-    """A checkpoint folder that cannot be resumed from or evaluated as it is."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -267,20 +263,33 @@ def load_checkpoint(
     return progress
 
 
-def load_exports(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's adapter and projection (evaluation: no optimizer, no DCP)."""
-    from pefomed.engine.lora import load_adapter_state_dict
-
+def read_exports(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A complete checkpoint's adapter and projection tensors, read before any model is built,
+    so that a missing or damaged file fails in a second, naming the file."""
     path = require_complete(path)
     for name in ("adapter_model.safetensors", "projection.safetensors"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path / name}: missing; is {path} a pefomed checkpoint folder?")
-    load_adapter_state_dict(model.llm, load_file(str(path / "adapter_model.safetensors")), str(path))
-    projection = load_file(str(path / "projection.safetensors"))
+    return {
+        "adapter": read_state_dict(path / "adapter_model.safetensors"),
+        "projection": read_state_dict(path / "projection.safetensors"),
+    }
+
+
+def apply_exports(model: nn.Module, exports: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """Put `read_exports`' tensors into the model's adapter and connector."""
+    from pefomed.engine.lora import load_adapter_state_dict
+
+    load_adapter_state_dict(model.llm, exports["adapter"], str(path))
     try:
-        model.connector.load_state_dict(projection)
+        model.connector.load_state_dict(exports["projection"])
     except RuntimeError as e:
         raise CheckpointError(
             f"{path / 'projection.safetensors'} does not match the model that the config builds ({e}); "
             f"evaluate with the config that trained it, {path / 'config.yaml'}"
         ) from e
+
+
+def load_exports(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's adapter and projection (evaluation: no optimizer, no DCP)."""
+    apply_exports(model, read_exports(path), path)

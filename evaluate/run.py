@@ -48,8 +48,9 @@ from pefomed.engine.build import build_model
 from pefomed.engine.checkpoint import (
     COMPLETE_MARK,
     CheckpointError,
+    apply_exports,
     latest_checkpoint,
-    load_exports,
+    read_exports,
     require_complete,
 )
 from pefomed.engine.config import Config, ConfigError, DatasetSpec, load_config
@@ -130,8 +131,9 @@ def load_model_for_eval(cfg: Config, checkpoint: Path, device: str | torch.devic
     """The base model of `cfg` with the checkpoint's adapter and projection; and the tokenizer."""
     tokenizer = load_run_tokenizer(cfg)
     fit_vocab_to_tokenizer(cfg, tokenizer)
+    exports = read_exports(Path(checkpoint))  # a damaged checkpoint fails before the model is built
     model = build_model(cfg, device)
-    load_exports(Path(checkpoint), model)
+    apply_exports(model, exports, Path(checkpoint))
     return model.eval(), tokenizer
 
 

@@ -46,7 +46,8 @@ ShapeHint = Callable[[str, tuple[int, ...], tuple[int, ...]], "str | None"]
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint that does not fit the model, with the file, the key and the fix."""
+    """A checkpoint file or folder that cannot be used as it is: it does not fit the model, is
+    damaged, or is an incomplete training checkpoint. The message names the file, the key and the fix."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

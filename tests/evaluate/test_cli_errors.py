@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from pefomed.engine.checkpoint import COMPLETE_MARK, CheckpointError
+from pefomed.engine.checkpoint import COMPLETE_MARK
+from pefomed.models.loading import CheckpointError
 
 
 def one_error_line(err: str) -> str:
@@ -93,6 +94,16 @@ def test_missing_checkpoint_files_are_named(tiny, tmp_path, cli, command, missin
     code, _, err = cli(*args)
     line = one_error_line(err)
     assert code == 2 and str(folder / missing) in line and "copy the whole step_N folder" in line
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "projection.safetensors"])
+def test_a_truncated_checkpoint_file_is_named(tiny, tmp_path, cli, damaged):
+    folder = copy_checkpoint(tiny, tmp_path / "step_7")
+    data = (folder / damaged).read_bytes()
+    (folder / damaged).write_bytes(data[: len(data) // 2])
+    code, _, err = cli(*eval_args(folder, tmp_path / "out"))
+    line = one_error_line(err)
+    assert code == 2 and str(folder / damaged) in line
 
 
 def test_a_checkpoint_that_does_not_exist(tmp_path, cli):
