@@ -19,8 +19,9 @@ Backward
 
 Dropout masks
   The mask is a pure function of (seed, element index): element (m, k) of the 2-D view of x
-  ([M, in]) is kept iff `tl.rand(seed, m * in + k) >= p` (Philox). Forward, backward and
-  `dropout_mask` all evaluate the same function, so the backward uses the forward's mask and
+  ([M, in]) is kept iff `tl.rand(seed, m * in + k) >= p` (Philox, `kernels.common.keep_mask`).
+  Forward, backward (the NF4 dX kernel included) and `dropout_mask` all evaluate the same
+  function, so the backward uses the forward's mask and
   `lora_linear_reference(..., seed=s)` draws the kernel's mask. With `seed=None` the Triton path
   draws a fresh seed from torch's generator (so `torch.manual_seed` makes runs reproducible),
   while the plain PyTorch path (`kernels: torch`) uses `F.dropout`: the two paths then draw
@@ -33,10 +34,11 @@ Dtypes
   inputs use TF32 dots only when `torch.backends.cuda.matmul.allow_tf32` is set, as torch does.
 
 QLoRA
-  When `weight` is a `kernels.nf4.NF4Weight`, the base GEMMs are `kernels.nf4.nf4_matmul` (with
-  the LoRA term fused in its epilogue) and `nf4_matmul_t`; the LoRA part of dX is then added in
-  place by `_lora_matmul_kernel` with an empty K loop. The NF4Weight's tensors and layout are
-  passed to their own pair of custom ops, so QLoRA also compiles with fullgraph=True.
+  When `weight` is a `kernels.nf4.NF4Tensor`, the base GEMMs are the NF4 ops: `pefomed::nf4_linear`
+  (`x W^T + b` with the LoRA term `scaling * xa B^T` in its epilogue) and `pefomed::nf4_matmul_t`
+  (`dY W` with the LoRA part of dX, mask included, in its epilogue). The adapter-only pieces run as
+  `pefomed::lora_project` (xa) and `pefomed::lora_adapter_backward` (dA, dB and g), the same
+  launchers the dense ops use, so QLoRA also compiles with fullgraph=True.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from pefomed.kernels.common import keep_mask
+from pefomed.kernels.nf4 import NF4Tensor, nf4_matmul, nf4_matmul_t, nf4_op_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,18 +68,10 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, n_cols, p):
-    """Dropout keep-mask of the tile (rows x cols) of a row-major [*, n_cols] tensor."""
-    # 64-bit element index: Philox takes it as two 32-bit counter words, so no wrap-around.
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
-
-
-@triton.jit
 def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(tl.load(seed_ptr), rm, rk, K, p)
+    keep = keep_mask(tl.load(seed_ptr), rm, rk, K, p)
     inside = (rm[:, None] < M) & (rk[None, :] < K)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=inside)
 
@@ -102,7 +99,7 @@ def _rank_project_kernel(
         k_ok = rk + k0 < K
         a = tl.load(in_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         if DROPOUT:
-            a = tl.where(_keep_mask(seed, rm, rk + k0, K, p), a, tl.zeros_like(a))
+            a = tl.where(keep_mask(seed, rm, rk + k0, K, p), a, tl.zeros_like(a))
         w = tl.load(w_ptrs, mask=(rr[None, :] < R) & k_ok[:, None], other=0.0)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
         in_ptrs += BLOCK_K * stride_ik
@@ -149,7 +146,7 @@ def _rank_reduce_kernel(
             other=0.0,
         )
         if DROPOUT:
-            b = tl.where(_keep_mask(seed, rm, rk, K, p), b, tl.zeros_like(b))
+            b = tl.where(keep_mask(seed, rm, rk, K, p), b, tl.zeros_like(b))
         acc = tl.dot(left_t.to(b.dtype), b, acc, input_precision=PRECISION)
     out_ptrs = out_ptr + pid_s * stride_os + rr[:, None] * stride_or + rk[None, :] * stride_ok
     tl.store(out_ptrs, acc * scale, mask=r_ok[:, None] & k_ok[None, :])
@@ -163,10 +160,10 @@ def _lora_matmul_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn,
     lora_scale, p,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """c[M, N] (+)= a[M, K] @ b[K, N] + bias + keep * lora_scale * (left[M, R] @ right[R, N]).
+    """c[M, N] = a[M, K] @ b[K, N] + bias + keep * lora_scale * (left[M, R] @ right[R, N]).
 
     Forward: a = x, b = W^T, left = xa, right = B^T, lora_scale = scaling.
     dX:      a = dY, b = W,  left = g,  right = A,   lora_scale = 1/(1-p), keep = mask.
@@ -215,15 +212,12 @@ def _lora_matmul_kernel(
         )
         lora = tl.dot(left.to(out_ty), right.to(out_ty), input_precision=PRECISION) * lora_scale
         if DROPOUT:
-            lora = tl.where(_keep_mask(tl.load(seed_ptr), rm, rn, N, p), lora, 0.0)
+            lora = tl.where(keep_mask(tl.load(seed_ptr), rm, rn, N, p), lora, 0.0)
         acc += lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
-    c_mask = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(out_ty), mask=c_mask)
+    tl.store(c_ptrs, acc.to(out_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _matmul_configs() -> list[triton.Config]:
@@ -249,11 +243,6 @@ _lora_matmul_tuned = triton.autotune(configs=_matmul_configs(), key=["M_BUCKET",
 # The small rank-r kernels are memory-bound on x / dY: one good config each, no tuning.
 _RANK_BLOCKS: dict[str, Any] = (
     {"BLOCK_M": 32, "BLOCK_K": 32} if _INTERPRET else {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-)
-_ACCUMULATE_BLOCKS: dict[str, Any] = (
-    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-    if _INTERPRET
-    else {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4}
 )
 
 
@@ -343,9 +332,8 @@ def _matmul_lora(
     lora_scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
-    accumulate: bool = False,
 ) -> torch.Tensor:
-    """out[M, N] (+)= a @ b + bias + keep * lora_scale * left @ right; operands as (tensor, stride0, stride1)."""
+    """out[M, N] = a @ b + bias + keep * lora_scale * left @ right; operands as (tensor, stride0, stride1)."""
     a_t, stride_am, stride_ak = a
     b_t, stride_bk, stride_bn = b
     m, n = out.shape
@@ -364,20 +352,14 @@ def _matmul_lora(
         "HAS_BIAS": bias is not None,
         "HAS_LORA": has_lora,
         "DROPOUT": dropout,
-        "ACCUMULATE": accumulate,
         "R_PAD": _rank_pad(r),
         "PRECISION": _dot_precision(out.dtype),
     }
-    if accumulate:
-        # Not autotuned: a tuning run would add into `out` once per timed launch.
-        grid = (triton.cdiv(m, _ACCUMULATE_BLOCKS["BLOCK_M"]) * triton.cdiv(n, _ACCUMULATE_BLOCKS["BLOCK_N"]),)
-        _lora_matmul_kernel[grid](*args, **flags, **_ACCUMULATE_BLOCKS)
-    else:
 
-        def grid(meta: dict[str, Any]) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _lora_matmul_tuned[grid](*args, **flags)
+    _lora_matmul_tuned[grid](*args, **flags)
     return out
 
 
@@ -389,12 +371,8 @@ def _check_device(device: torch.device) -> None:
         )
 
 
-def _is_nf4(weight: Any) -> bool:
-    return type(weight).__name__ == "NF4Weight" and hasattr(weight, "dequantize")
-
-
 def _check_inputs(
-    x: torch.Tensor, weight: Any, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None, dropout_p: float
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None, dropout_p: float
 ) -> None:
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
@@ -402,8 +380,13 @@ def _check_inputs(
             "float32 (use kernels.lora.lora_linear_reference / `kernels: torch` for others)"
         )
     in_features = x.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"kernels.lora: weight must be 2-D [out, in], got shape {list(weight.shape)}")
     out_features, w_in = weight.shape
-    if not _is_nf4(weight) and weight.dtype != x.dtype:
+    if isinstance(weight, NF4Tensor):
+        if not weight.is_contiguous():
+            raise ValueError(f"kernels.lora: the NF4 base weight must be the [out, in] weight, not a transposed view: {weight!r}")
+    elif weight.dtype != x.dtype:
         raise TypeError(
             f"kernels.lora: weight dtype {weight.dtype} differs from x dtype {x.dtype}; the frozen "
             "weight is never cast here, so load the model in the activation dtype"
@@ -426,9 +409,17 @@ def _check_inputs(
     _check_device(x.device)
 
 
+def lora_project(
+    x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`xa = dropout(x) A^T` for 2-D x [M, in]: [M, r] in fp32, the mask drawn from `seed`."""
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    return _rank_project(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), lora_A.shape[0], keep_scale, dropout_p, seed)
+
+
 def lora_forward(
     x: torch.Tensor,
-    weight: Any,
+    weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -439,15 +430,13 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(y, xa)` for 2-D x [M, in]: y [M, out] in x's dtype, xa = dropout(x) A^T [M, r] in fp32.
 
-    `seed` (int64, 1 element, on x's device) is needed when dropout_p > 0. `out` receives y.
+    `weight` is dense or an NF4Tensor. `seed` (int64, 1 element, on x's device) is needed when
+    dropout_p > 0. `out` receives y.
     """
     m, k = x.shape
-    n, r = lora_B.shape
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    xa = _rank_project(x, (lora_A, lora_A.stride(0), lora_A.stride(1)), r, keep_scale, dropout_p, seed)
-    if _is_nf4(weight):
-        from pefomed.kernels.nf4 import nf4_matmul
-
+    n = lora_B.shape[0]
+    xa = lora_project(x, lora_A, dropout_p, seed)
+    if isinstance(weight, NF4Tensor):
         y = nf4_matmul(x, weight, bias, lora_xa=xa, lora_b=lora_B, scaling=scaling)
         if out is not None:
             return out.copy_(y), xa
@@ -471,10 +460,31 @@ def lora_forward(
     return out, xa
 
 
+def lora_adapter_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dA, dB, g)` for 2-D dy [M, out]: dA/dB in the params' dtypes and g = scaling * dY B [M, r]
+    in fp32, which the base weight's dX GEMM turns into the LoRA part of dX."""
+    r = lora_B.shape[1]
+    # dB^T [r, out] = scaling * xa^T dY; copy=True, or an fp32 B would get the transposed view
+    d_b = _rank_reduce(xa, dy, scaling, 0.0, None).t().to(lora_B.dtype, memory_format=torch.contiguous_format, copy=True)
+    # g [M, r] = scaling * dY B   (B^T seen as [r, out] through strides)
+    g = _rank_project(dy, (lora_B, lora_B.stride(1), lora_B.stride(0)), r, scaling, 0.0, None)
+    d_a = _rank_reduce(g, x, 1.0 / (1.0 - dropout_p), dropout_p, seed).to(lora_A.dtype)
+    return d_a, d_b, g
+
+
 def lora_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
-    weight: Any,
+    weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     xa: torch.Tensor,
@@ -485,25 +495,12 @@ def lora_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`(dx, dA, dB)` for 2-D dy [M, out]; dx (None unless need_dx) in x's dtype, dA/dB in the params' dtypes."""
     m, k = x.shape
-    n, r = lora_B.shape
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    # dB^T [r, out] = scaling * xa^T dY
-    d_b = _rank_reduce(xa, dy, scaling, 0.0, None).t().to(lora_B.dtype, memory_format=torch.contiguous_format)
-    # g [M, r] = scaling * dY B   (B^T seen as [r, out] through strides)
-    g = _rank_project(dy, (lora_B, lora_B.stride(1), lora_B.stride(0)), r, scaling, 0.0, None)
-    d_a = _rank_reduce(g, x, keep_scale, dropout_p, seed).to(lora_A.dtype)
+    n = lora_B.shape[0]
+    d_a, d_b, g = lora_adapter_backward(dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed)
     if not need_dx:
         return None, d_a, d_b
-    if _is_nf4(weight):
-        from pefomed.kernels.nf4 import nf4_matmul_t
-
-        dx = nf4_matmul_t(dy, weight).to(x.dtype)
-        _matmul_lora(
-            (dy, 0, 0), (dy, 0, 0), dx, 0,
-            bias=None, left=g, right=(lora_A, lora_A.stride(0), lora_A.stride(1)),
-            lora_scale=keep_scale, dropout_p=dropout_p, seed=seed, accumulate=True,
-        )  # fmt: skip
-        return dx, d_a, d_b
+    if isinstance(weight, NF4Tensor):
+        return nf4_matmul_t(dy, weight, lora_g=g, lora_a=lora_A, seed=seed, dropout_p=dropout_p), d_a, d_b
     dx = _new_output((m, k), x.dtype, x.device)
     _matmul_lora(
         (dy, dy.stride(0), dy.stride(1)),
@@ -513,7 +510,7 @@ def lora_backward(
         bias=None,
         left=g,
         right=(lora_A, lora_A.stride(0), lora_A.stride(1)),
-        lora_scale=keep_scale,
+        lora_scale=1.0 / (1.0 - dropout_p),
         dropout_p=dropout_p,
         seed=seed,
     )
@@ -595,86 +592,36 @@ def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx):
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-# QLoRA: an NF4Weight is not a tensor, so its tensors and layout travel as separate op arguments.
+# The adapter-only halves: with an NF4 base weight, the pefomed::nf4_* ops do the base GEMMs.
 
 
-def _nf4_tensors(q: Any) -> tuple[torch.Tensor | None, ...]:
-    return q.packed, q.absmax, q.offset, q.nested_absmax, q.nested_code
+@torch.library.custom_op("pefomed::lora_project", mutates_args=())
+def _project_op(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    return lora_project(x, lora_A, dropout_p, seed)
 
 
-def _nf4_layout(q: Any) -> tuple[list[int], int, int, torch.dtype]:
-    return list(q.shape), q.blocksize, q.nested_blocksize, q.dtype
+@_project_op.register_fake
+def _(x, lora_A, seed, dropout_p):
+    return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
-def _nf4_rebuild(
-    tensors: tuple[torch.Tensor | None, ...], shape: list[int], blocksize: int, nested_blocksize: int, dtype: torch.dtype
-) -> Any:
-    from pefomed.kernels.nf4 import NF4Weight
-
-    packed, absmax, offset, nested_absmax, nested_code = tensors
-    return NF4Weight(packed, absmax, tuple(shape), dtype, blocksize, offset, nested_absmax, nested_code, nested_blocksize)
-
-
-@torch.library.custom_op("pefomed::qlora_linear_forward", mutates_args=())
-def _qlora_forward_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    offset: torch.Tensor | None,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    nested_blocksize: int,
-    weight_dtype: torch.dtype,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    bias: torch.Tensor | None,
-    seed: torch.Tensor | None,
-    scaling: float,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _nf4_rebuild((packed, absmax, offset, nested_absmax, nested_code), shape, blocksize, nested_blocksize, weight_dtype)
-    return lora_forward(x, q, lora_A, lora_B, scaling, bias, dropout_p, seed)
-
-
-@_qlora_forward_op.register_fake
-def _(x, packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, weight_dtype,
-      lora_A, lora_B, bias, seed, scaling, dropout_p):  # fmt: skip
-    return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("pefomed::qlora_linear_backward", mutates_args=())
-def _qlora_backward_op(
+@torch.library.custom_op("pefomed::lora_adapter_backward", mutates_args=())
+def _adapter_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    offset: torch.Tensor | None,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    nested_blocksize: int,
-    weight_dtype: torch.dtype,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     xa: torch.Tensor,
     seed: torch.Tensor | None,
     scaling: float,
     dropout_p: float,
-    need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = _nf4_rebuild((packed, absmax, offset, nested_absmax, nested_code), shape, blocksize, nested_blocksize, weight_dtype)
-    dx, d_a, d_b = lora_backward(dy, x, q, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx)
-    return (dx if dx is not None else x.new_empty(0)), d_a, d_b
+    return lora_adapter_backward(dy, x, lora_A, lora_B, xa, scaling, dropout_p, seed)
 
 
-@_qlora_backward_op.register_fake
-def _(dy, x, packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, weight_dtype,
-      lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx):  # fmt: skip
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+@_adapter_backward_op.register_fake
+def _(dy, x, lora_A, lora_B, xa, seed, scaling, dropout_p):
+    return torch.empty_like(lora_A), torch.empty_like(lora_B), xa.new_empty(xa.shape)
 
 
 # --- autograd ---------------------------------------------------------------------------------
@@ -687,7 +634,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        weight: Any,
+        weight: torch.Tensor,
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         bias: torch.Tensor | None,
@@ -696,18 +643,13 @@ class LoRALinearFunction(torch.autograd.Function):
         dropout_p: float,
     ) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        if _is_nf4(weight):
-            ctx.nf4_layout = _nf4_layout(weight)
-            weight_tensors = _nf4_tensors(weight)
-            y, xa = torch.ops.pefomed.qlora_linear_forward(
-                x2d, *weight_tensors, *ctx.nf4_layout, lora_A, lora_B, bias, seed, scaling, dropout_p
-            )
+        if isinstance(weight, NF4Tensor):
+            xa = torch.ops.pefomed.lora_project(x2d, lora_A, seed, dropout_p)
+            y = torch.ops.pefomed.nf4_linear(x2d, *nf4_op_args(weight), bias, xa, lora_B, scaling)
         else:
-            ctx.nf4_layout = None
-            weight_tensors = (weight,)
             y, xa = torch.ops.pefomed.lora_linear_forward(x2d, weight, lora_A, lora_B, bias, seed, scaling, dropout_p)
-        # The weight is saved by reference (no copy, no cast); xa is M x r floats.
-        ctx.save_for_backward(x2d, lora_A, lora_B, xa, seed, *weight_tensors)
+        # The weight is saved by reference (no copy, no cast, NF4 stays NF4); xa is M x r floats.
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa, seed)
         ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -716,14 +658,14 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_dx, _, _, _, need_dbias = ctx.needs_input_grad[:5]
         dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d, lora_A, lora_B, xa, seed, *weight_tensors = ctx.saved_tensors
-        if ctx.nf4_layout is not None:
-            dx, d_a, d_b = torch.ops.pefomed.qlora_linear_backward(
-                dy2d, x2d, *weight_tensors, *ctx.nf4_layout, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
-            )
+        x2d, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        if isinstance(weight, NF4Tensor):
+            d_a, d_b, g = torch.ops.pefomed.lora_adapter_backward(dy2d, x2d, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p)
+            if need_dx:
+                dx = torch.ops.pefomed.nf4_matmul_t(dy2d, *nf4_op_args(weight), g, lora_A, seed, ctx.dropout_p)
         else:
             dx, d_a, d_b = torch.ops.pefomed.lora_linear_backward(
-                dy2d, x2d, weight_tensors[0], lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
+                dy2d, x2d, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, need_dx
             )
         dx = dx.reshape(ctx.x_shape) if need_dx else None
         d_bias = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_dbias else None
@@ -732,7 +674,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(
     x: torch.Tensor,
-    weight: Any,
+    weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -745,10 +687,10 @@ def lora_linear(
 
     Dropout is active when `training` and `dropout_p > 0`; its mask comes from `seed` (int or a
     1-element integer tensor), or from a seed drawn with torch's generator when `seed` is None.
-    The base `weight` must be frozen; it may be an `NF4Weight` (QLoRA).
+    The base `weight` must be frozen; it is dense (x's dtype) or an `NF4Tensor` (QLoRA).
     """
     _check_inputs(x, weight, lora_A, lora_B, bias, dropout_p)
-    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+    if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "kernels.lora.lora_linear: the base weight requires grad, but this kernel trains only "
             "lora_A / lora_B (and bias); freeze it with weight.requires_grad_(False)"
@@ -765,7 +707,7 @@ def lora_linear(
 
 def lora_linear_reference(
     x: torch.Tensor,
-    weight: Any,
+    weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,

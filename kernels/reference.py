@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pefomed.kernels.nf4 import NF4Tensor
+
 
 def lora_linear_reference(
     x: torch.Tensor,
@@ -22,11 +24,13 @@ def lora_linear_reference(
 ) -> torch.Tensor:
     """`x W^T + b + scaling * dropout(x) A^T B^T`.
 
-    The dropout draws from torch's RNG unless `dropout_mask` (1 = kept) is given; the Triton
-    kernel draws its mask from a seed, so parity tests pass the kernel's mask here.
+    `weight` is dense or an `NF4Tensor` (QLoRA), which F.linear dequantizes in plain PyTorch to x's
+    dtype, in the forward and again in the backward (the dense weight is not kept). The dropout
+    draws from torch's RNG unless `dropout_mask` (1 = kept) is given; the Triton kernel draws its
+    mask from a seed, so parity tests pass the kernel's mask here.
     """
-    if hasattr(weight, "dequantize"):  # an NF4 base weight (QLoRA)
-        weight = weight.dequantize().to(x.dtype)
+    if isinstance(weight, NF4Tensor) and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)  # only the dtype it dequantizes to: the codes stay 4-bit
     base = F.linear(x, weight, bias)
     dropped = x
     if dropout_mask is not None and dropout_p > 0 and training:

@@ -9,8 +9,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pefomed.kernels.lora as lora_mod
+import pefomed.kernels.nf4 as nf4_mod
 from pefomed.kernels.lora import (
     dropout_mask,
     lora_backward,
@@ -18,6 +20,10 @@ from pefomed.kernels.lora import (
     lora_linear,
     lora_linear_reference,
 )
+from pefomed.kernels.nf4 import NF4Tensor, to_nf4
+from pefomed.kernels.reference import lora_linear_reference as torch_path
+
+from .nf4_reference import reference_dequantize
 
 # Relative error bounds vs float64: fp32 dots accumulate in fp32; fp16/bf16 round x, W, xa and y.
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -31,6 +37,7 @@ def _poison_outputs(monkeypatch):
         return torch.full(shape, 0x55, dtype=dtype, device=device)
 
     monkeypatch.setattr(lora_mod, "_new_output", poisoned)
+    monkeypatch.setattr(nf4_mod, "_new_output", poisoned)  # the QLoRA base GEMMs
 
 
 def _device() -> str:
@@ -288,32 +295,45 @@ def test_compiles_fullgraph_without_graph_break():
     compiled(x, weight, lora_a, lora_b, b, None).backward()
 
 
-def test_engine_layer_triton_matches_torch_path():
+@pytest.mark.parametrize("quantize", [None, to_nf4])
+def test_engine_layer_triton_matches_torch_path(quantize):
     from pefomed.engine.lora import LoRALinear
+    from pefomed.engine.ops import kernel_ops
 
-    torch_layer = LoRALinear(24, 18, True, r=8, alpha=16, dropout=0.1, kernels="torch").to(_device())
-    triton_layer = LoRALinear(24, 18, True, r=8, alpha=16, dropout=0.1, kernels="triton").to(_device())
+    def layer(kernels):
+        lora_fn = kernel_ops(kernels, _device()).lora_linear
+        return LoRALinear(24, 18, True, r=8, alpha=16, dropout=0.1, lora_fn=lora_fn, quantize=quantize).to(_device())
+
+    torch_layer, triton_layer = layer("torch"), layer("triton")
     triton_layer.load_state_dict(torch_layer.state_dict())
     torch.nn.init.normal_(triton_layer.lora_B.weight)
     torch_layer.load_state_dict(triton_layer.state_dict())
+    assert isinstance(triton_layer.weight, NF4Tensor) == (quantize is not None)
     x = torch.randn(3, 5, 24, device=_device())
     torch_layer.eval(), triton_layer.eval()
     assert _rel(triton_layer(x).detach(), torch_layer(x).detach().double()) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("dtype,use_bias,p", [(torch.float16, True, 0.0), (torch.float32, False, 0.3)])
-def test_qlora_nf4_base_matches_float64_reference(dtype, use_bias, p):
-    """QLoRA: an NF4 base weight, checked against float64 with the dequantized weight."""
-    nf4 = pytest.importorskip("pefomed.kernels.nf4")
-    x, dense, lora_a, lora_b, b = _inputs((3, 11, 128), 72, 8, dtype, bias=use_bias)
-    q = nf4.quantize_nf4(dense, blocksize=64, double_quant=True)
+QLORA_CASES = [
+    # x shape, out, dtype, bias, dropout: K = 128 reads bytes in pairs; K = 27 lets bytes straddle rows
+    ((3, 11, 128), 72, torch.float16, True, 0.0),
+    ((3, 11, 128), 72, torch.float32, False, 0.3),
+    ((37, 27), 40, torch.float32, True, 0.5),
+]
+
+
+@pytest.mark.parametrize("x_shape,n_out,dtype,use_bias,p", QLORA_CASES)
+def test_qlora_nf4_base_matches_float64_reference(x_shape, n_out, dtype, use_bias, p):
+    """QLoRA: an NF4 base weight, checked against float64 with the weight from the NF4 format's definition."""
+    x, dense, lora_a, lora_b, b = _inputs(x_shape, n_out, 8, dtype, bias=use_bias)
+    q = to_nf4(dense, blocksize=64, double_quant=True)
     scaling, seed = 2.0, 31
     y = lora_linear(x, q, lora_a, lora_b, scaling, b, p, True, seed=seed)
     dy = torch.randn_like(y)
     y.backward(dy)
-    w64 = nf4.dequantize_nf4(q).double()
+    w64 = reference_dequantize(q).to(x.device)
     y_ref, grads_ref = _float64_reference(x, w64, lora_a, lora_b, scaling, b, p, seed, dy)
-    assert y.dtype == dtype and y.shape == (3, 11, 72)
+    assert y.dtype == dtype and y.shape == (*x_shape[:-1], n_out)
     assert _rel(y.detach(), y_ref) < TOL[dtype]
     got = [x.grad, lora_a.grad, lora_b.grad, b.grad if b is not None else None]
     for name, g, want in zip(("dx", "dA", "dB", "dbias"), got, grads_ref):
@@ -321,10 +341,66 @@ def test_qlora_nf4_base_matches_float64_reference(dtype, use_bias, p):
             assert _rel(g, want) < TOL[dtype], (name, _rel(g, want))
 
 
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_qlora_runs_the_nf4_ops_and_the_adapter_ops():
+    """One set of ops: the NF4 base GEMMs are pefomed::nf4_*, the adapter parts pefomed::lora_*."""
+    x, dense, lora_a, lora_b, b = _inputs((5, 64), 24, 4, torch.float32)
+    q = to_nf4(dense)
+    log = _OpLog()
+    with log:
+        lora_linear(x, q, lora_a, lora_b, 1.0, b, 0.2, True, seed=7).sum().backward()
+    ours = {name for name in log.names if name.startswith("pefomed::")}
+    assert ours == {"pefomed::lora_project", "pefomed::nf4_linear", "pefomed::lora_adapter_backward", "pefomed::nf4_matmul_t"}
+
+
+def test_qlora_torch_path_matches_float64():
+    """`kernels: torch` with an NF4Tensor: F.linear dequantizes in PyTorch, in x's dtype."""
+    x, dense, lora_a, lora_b, b = _inputs((4, 9, 70), 33, 8, torch.float32)
+    q = to_nf4(dense.bfloat16())  # a bf16 checkpoint's NF4, computed in fp32 like bitsandbytes' compute_dtype
+    mask = torch.rand(x.shape, device=x.device) >= 0.25
+    y = torch_path(x, q, lora_a, lora_b, 0.5, b, 0.25, True, dropout_mask=mask)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b, b)]
+    w64 = reference_dequantize(q).to(x.device)
+    dropped = leaves[0] * mask / 0.75
+    ref = leaves[0] @ w64.T + leaves[3] + 0.5 * (dropped @ leaves[1].T) @ leaves[2].T
+    ref.backward(dy.double())
+    assert _rel(y.detach(), ref.detach()) < TOL[torch.float32]
+    for name, ours, theirs in zip(("dx", "dA", "dB", "dbias"), (x, lora_a, lora_b, b), leaves):
+        assert _rel(ours.grad, theirs.grad) < TOL[torch.float32], name
+    assert isinstance(q, NF4Tensor) and q.dtype == torch.bfloat16  # the weight passed in is unchanged
+
+
+def test_custom_ops_pass_opcheck():
+    x, weight, lora_a, lora_b, b = (t.detach() for t in _inputs((7, 40), 24, 5, torch.float32, x_grad=False))
+    seed = torch.tensor([11], device=x.device)
+    xa = torch.randn(7, 5, device=x.device)
+    dy = torch.randn(7, 24, device=x.device)
+    torch.library.opcheck(torch.ops.pefomed.lora_linear_forward.default, (x, weight, lora_a, lora_b, b, seed, 0.5, 0.3))
+    torch.library.opcheck(torch.ops.pefomed.lora_linear_backward.default, (dy, x, weight, lora_a, lora_b, xa, seed, 0.5, 0.3, True))
+    torch.library.opcheck(torch.ops.pefomed.lora_project.default, (x, lora_a, seed, 0.3))
+    torch.library.opcheck(torch.ops.pefomed.lora_adapter_backward.default, (dy, x, lora_a, lora_b, xa, seed, 0.5, 0.3))
+
+
+def test_qlora_rejects_a_transposed_nf4_weight():
+    x, dense, lora_a, lora_b, _ = _inputs((4, 64), 64, 4, torch.float32)
+    with pytest.raises(ValueError, match="not a transposed view"):
+        lora_linear(x, to_nf4(dense).t(), lora_a, lora_b, 1.0)
+
+
 def test_qlora_compiles_fullgraph():
-    nf4 = pytest.importorskip("pefomed.kernels.nf4")
     x, dense, lora_a, lora_b, b = _inputs((6, 64), 40, 8, torch.float32)
-    q = nf4.quantize_nf4(dense)
+    q = to_nf4(dense)
 
     def step(x, q, lora_a, lora_b, b):
         return lora_linear(x, q, lora_a, lora_b, 0.5, b, 0.2, True, seed=3).square().sum()

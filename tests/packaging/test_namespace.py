@@ -64,7 +64,7 @@ def test_theirs_and_ours_import_side_by_side(tmp_path):
         import kernels, evaluate
         assert kernels.OWNER == "hf-stand-in" and evaluate.OWNER == "hf-stand-in"
         import pefomed.kernels.nf4, pefomed.kernels.reference, pefomed.evaluate.score, pefomed.evaluate.metrics.vqa
-        assert pefomed.evaluate.score.main and pefomed.kernels.nf4.quantize_nf4
+        assert pefomed.evaluate.score.main and pefomed.kernels.nf4.to_nf4
         assert kernels.get_kernel("kernels-community/x") is not None  # still theirs after ours loaded
         print("ok")
     """
