@@ -44,15 +44,28 @@ Operation:
 - Tokens: the prompt and completion tokens of every response (from `usage`) are summed, with the
   HTTP requests sent (retries included). A response without `usage` still gives its verdict and
   is counted under `responses_without_usage`, so the token sums are then lower bounds.
+- Credentialed data: PhysioNet's data use agreement for MIMIC-CXR forbids sending it through
+  third-party APIs such as OpenAI's and recommends a locally deployed LLM. An item is restricted
+  when it carries `restricted: true` (the MIMIC-CXR reader marks its samples, and a dataset spec
+  can mark any other) or its image path has MIMIC-CXR's `pNN/pNNNNNNNN/sNNNNNNNN/` layout.
+  Restricted items go only to a local endpoint: `base_url`'s host must resolve, and only to
+  loopback or private addresses (a name that does not resolve is not local; no `base_url` means
+  api.openai.com). Otherwise they are withheld (never sent: no connection is opened for them),
+  counted under `n_withheld` with the reason and the fix, and every other item is judged. The
+  only override is `restricted_data_ok: "<statement>"` in the judge config, an explicit statement
+  that the endpoint keeps no data (e.g. an agreement with the provider), which is logged with the
+  endpoint and kept in the judge section of metrics.json.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 from collections import Counter
@@ -60,8 +73,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pefomed.errors import UserError
+from pefomed.evaluate.metrics.vqa import group_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +144,10 @@ REASON_HINTS = {
     "server_error": "the server kept failing (5xx)",
 }
 NOT_SENT = "not_sent"
+WITHHELD = "restricted_data"
+# MIMIC-CXR's study folders (p10/p10000032/s50414267/), as its image paths and report files carry them.
+_MIMIC_PATH = re.compile(r"(?:^|/)p1\d/p1\d{7}/s\d{8}(?:/|\.txt$)")
+MIN_STATEMENT_CHARS = 20
 
 
 class JudgeError(UserError, RuntimeError):
@@ -148,6 +167,9 @@ class JudgeConfig:
     temperature: float = 0.0
     wasm_weights: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0))
     stop_after_failures: int = 5
+    # An explicit statement that the (non-local) endpoint keeps no data, which lets restricted
+    # items be sent there; logged and recorded. Leave unset to keep them to local endpoints.
+    restricted_data_ok: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -161,6 +183,13 @@ class JudgeConfig:
         self.wasm_weights = tuple(float(w) for w in self.wasm_weights)
         if len(self.wasm_weights) != 5:
             raise JudgeError(f"judge config: wasm_weights needs 5 weights (levels 0-4), got {len(self.wasm_weights)}")
+        if self.restricted_data_ok is not None and (
+                not isinstance(self.restricted_data_ok, str) or len(self.restricted_data_ok.strip()) < MIN_STATEMENT_CHARS):
+            raise JudgeError(
+                f"judge config: restricted_data_ok={self.restricted_data_ok!r} must be a written statement (at least "
+                f"{MIN_STATEMENT_CHARS} characters) of why this endpoint may receive credentialed data, e.g. \"Azure "
+                "OpenAI deployment under our PhysioNet-approved agreement, no data retention\"; it is logged with every "
+                "run. To keep restricted items local, remove it and point base_url at a local server")
 
 
 def load_judge_config(path: str | Path | None) -> JudgeConfig:
@@ -256,7 +285,8 @@ class RequestFailed(Exception):
 class Judge:
     """Judges items through an OpenAI-compatible chat-completions endpoint; thread-safe counters."""
 
-    def __init__(self, config: JudgeConfig) -> None:
+    def __init__(self, config: JudgeConfig, *, transport=None) -> None:
+        """`transport`: an httpx transport for the client's requests (a proxy, or a test's recorder)."""
         try:
             import openai
         except ImportError:
@@ -278,7 +308,8 @@ class Judge:
         self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": 0,
                       "responses_without_usage": 0}
         # Every HTTP request the client sends, retries included, passes this hook.
-        http_client = openai.DefaultHttpxClient(event_hooks={"request": [lambda _request: self._count(requests=1)]})
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [lambda _request: self._count(requests=1)]},
+                                                **({"transport": transport} if transport is not None else {}))
         self.client = openai.OpenAI(api_key=key, base_url=config.base_url, timeout=config.timeout,
                                     max_retries=config.max_retries, http_client=http_client)
         self.cache_dir = Path(config.cache_dir)
@@ -433,6 +464,70 @@ class Judge:
 
 
 # ---------------------------------------------------------------------------------------------
+# Credentialed data
+# ---------------------------------------------------------------------------------------------
+
+def is_restricted(item: dict) -> bool:
+    """Whether an item is credentialed data: marked `restricted`, or imaged from MIMIC-CXR's folders."""
+    if item.get("restricted") in (True, "true", "True", 1):
+        return True
+    return any(isinstance(item.get(k), str) and _MIMIC_PATH.search(item[k].replace("\\", "/"))
+               for k in ("image", "image_used"))
+
+
+def _is_local_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope ("fe80::1%eth0") is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_private
+
+
+def endpoint_locality(base_url: str | None) -> tuple[bool, str]:
+    """(whether `base_url` is a local endpoint, why): its host resolves to loopback or private addresses only."""
+    if base_url is None:
+        return False, "no base_url is set, so the judge is the OpenAI API (api.openai.com)"
+    parts = urlsplit(base_url if "//" in base_url else f"//{base_url}")
+    host = parts.hostname
+    if not host:
+        return False, f"base_url {base_url!r} names no host"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError) as e:  # socket.gaierror is an OSError
+        return False, f"its host {host} does not resolve ({e}), so it cannot be shown to be local"
+    addresses = sorted({info[4][0] for info in infos})
+    outside = [a for a in addresses if not _is_local_address(a)]
+    if outside:
+        return False, f"its host {host} resolves to {', '.join(outside)}, which is not a loopback or private address"
+    return True, f"its host {host} resolves to {', '.join(addresses)} (local)"
+
+
+def restricted_policy(items: Sequence[dict], config: JudgeConfig) -> tuple[set[int], dict | None]:
+    """(indices of the items to withhold, the record of what was decided, or None when nothing is restricted)."""
+    restricted = [i for i, it in enumerate(items) if is_restricted(it)]
+    if not restricted:
+        return set(), None
+    local, why = endpoint_locality(config.base_url)
+    where = config.base_url or "the OpenAI API"
+    record = {"n_restricted": len(restricted), "endpoint": where, "local": local, "why": why}
+    if local:
+        return set(), record
+    if config.restricted_data_ok:
+        record["restricted_data_ok"] = config.restricted_data_ok
+        log.warning("judge: sending %d restricted (credentialed) items to %s, which is not local (%s), on the judge "
+                    "config's statement restricted_data_ok: %r", len(restricted), where, why, config.restricted_data_ok)
+        return set(), record
+    record["fix"] = (
+        "serve a judge model locally (e.g. vLLM: `vllm serve <model> --port 8000`) and set base_url: "
+        "http://127.0.0.1:8000/v1 in the judge config; or, only if this endpoint keeps no data under an agreement "
+        "that covers it, state so in restricted_data_ok: \"<statement>\"")
+    log.warning("judge: %d of %d items are restricted (credentialed data such as MIMIC-CXR, whose data use agreement "
+                "forbids third-party APIs) and are not sent to %s: %s. Every other item is judged. To judge them, %s",
+                len(restricted), len(items), where, why, record["fix"])
+    return set(restricted), record
+
+
+# ---------------------------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------------------------
 
@@ -456,6 +551,9 @@ def summarize_vqa(items: Sequence[dict], verdicts: Sequence[dict], exact: Sequen
     by_type = {t: [s for it, s in scored if str(it.get("answer_type") or "").upper() == t] for t in ("CLOSED", "OPEN")}
     out.update({"accuracy": _mean([s for _, s in scored]), "closed": _mean(by_type["CLOSED"]),
                 "open": _mean(by_type["OPEN"])})
+    by_modality = group_accuracy([it for it, _ in scored], [float(s) for _, s in scored], "modality")
+    if by_modality:
+        out["by_modality"] = by_modality
     if exact is not None:
         table = {"judge_1_exact_1": 0, "judge_1_exact_0": 0, "judge_0_exact_1": 0, "judge_0_exact_0": 0}
         for verdict, hit in zip(verdicts, exact):
@@ -480,9 +578,10 @@ def summarize_report(verdicts: Sequence[dict], weights: Sequence[float]) -> dict
 def run_judge(items: Sequence[dict], config: JudgeConfig | Judge, *, exact: Sequence[bool] | None = None) -> dict:
     """Judge VQA items (task != "report") and report items; `exact[i]` is item i's exact-match hit.
 
-    Returns {"model", "base_url", "n_items", "n_judged", "failures", "stopped", "vqa": summary,
-    "report": summary, "tokens": usage, "verdicts": per item}. Request failures are counted, never
-    raised; only a judge that cannot start (`JudgeError`) raises, when `config` is a JudgeConfig.
+    Returns {"model", "base_url", "n_items", "n_judged", "failures", "n_withheld", "stopped",
+    "vqa": summary, "report": summary, "tokens": usage, "verdicts": per item}, and "restricted"
+    (what was decided about credentialed items) when there are any. Request failures are counted,
+    never raised; only a judge that cannot start (`JudgeError`) raises, when `config` is a JudgeConfig.
     """
     judge = config if isinstance(config, Judge) else Judge(config)
     try:
@@ -494,10 +593,16 @@ def run_judge(items: Sequence[dict], config: JudgeConfig | Judge, *, exact: Sequ
 
 def _run(judge: Judge, items: Sequence[dict], exact: Sequence[bool] | None) -> dict:
     config = judge.config
-    vqa_index = [i for i, it in enumerate(items) if it.get("task", "vqa") != "report"]
-    report_index = [i for i, it in enumerate(items) if it.get("task", "vqa") == "report"]
+    withheld, restricted = restricted_policy(items, config)
+    sent = [i for i in range(len(items)) if i not in withheld]
+    vqa_index = [i for i in sent if items[i].get("task", "vqa") != "report"]
+    report_index = [i for i in sent if items[i].get("task", "vqa") == "report"]
     verdicts: list[dict | None] = [None] * len(items)
+    for i in withheld:
+        verdicts[i] = {"score": None, "status": "withheld", "reason": WITHHELD, "reply": ""}
     out: dict = {"model": config.model, "base_url": config.base_url}
+    if restricted is not None:
+        out["restricted"] = restricted
     if vqa_index:
         found = judge.judge_items("vqa", [items[i] for i in vqa_index])
         for i, v in zip(vqa_index, found):
@@ -511,7 +616,8 @@ def _run(judge: Judge, items: Sequence[dict], exact: Sequence[bool] | None) -> d
         out["report"] = summarize_report(found, config.wasm_weights)
     every = _status_counts([v for v in verdicts if v is not None])
     out.update({"n_items": len(items), "n_judged": every["n_scored"], "n_unparseable": every["n_unparseable"],
-                "n_failed": every["n_failed"], "failures": every["failures"], "stopped": judge.stopped})
+                "n_failed": every["n_failed"], "failures": every["failures"], "n_withheld": len(withheld),
+                "stopped": judge.stopped})
     out["tokens"] = judge.tokens()
     out["verdicts"] = verdicts
     return out
@@ -524,6 +630,8 @@ def describe_outcome(judged: dict) -> str | None:
     parts = [f"{n} {reason}" for reason, n in judged["failures"].items()]
     if judged["n_unparseable"]:
         parts.append(f"{judged['n_unparseable']} unparseable")
+    if judged.get("n_withheld"):
+        parts.append(f"{judged['n_withheld']} restricted items withheld from a non-local endpoint")
     line = f"judge: {judged['n_judged']} of {judged['n_items']} items judged ({', '.join(parts)})"
     if judged.get("stopped"):
         line += f"; stopped: {judged['stopped']}"

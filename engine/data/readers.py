@@ -20,7 +20,17 @@ Formats, as the public code of the recipes reads them:
   images in `{split}/radiology/images/ROCO_00002.jpg`.
 - IU-Xray / MIMIC-CXR (R2Gen `annotation.json`): `{"train": [{id, report, image_path: [...],
   split}], "val": [...], "test": [...]}`; the first image of each study is used. MIMIC-CXR may
-  also come as `{jpg_path: [reports]}` (one split), read by `read_mimic`.
+  also come as `{jpg_path: [reports]}` (one split), or as the PhysioNet release itself (see
+  `read_mimic`): `mimic-cxr-2.0.0-split.csv.gz`, the sectioned report files
+  `mimic-cxr-reports/files/pXX/pXXXXXXXX/sXXXXXXXX.txt` (findings + impression become the target)
+  and the images `files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg` (MIMIC-CXR-JPG) or `.dcm`.
+  MIMIC-CXR is credentialed data: its samples carry `meta["restricted"] = True`, which the GPT
+  judge honours (`evaluate/judge.py`).
+- OmniMedVQA: `QA_information/Open-access/<dataset>.json`, lists of `{question_id, question,
+  option_A..option_D, gt_answer, modality_type, question_type, image_path: "Images/...",
+  dataset}`, image paths relative to the OmniMedVQA folder. Multiple choice becomes open-ended as
+  in arXiv 2504.05575: the question keeps no options and the correct option's text is the answer.
+  The release has no splits; see `read_omnimedvqa` for the deterministic one used here.
 
 Splits. A dataset folder is read at the split named: `train`, `test`, and `val` (alias
 `validation`) where the dataset has one, from the file its release uses for it (`SPLIT_FILES`).
@@ -37,16 +47,19 @@ Image paths. An image name in a dataset file is relative to the dataset's image 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from pefomed.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 PROMPT_KINDS = ("vqa", "caption", "report")
 
 # Split names a reader accepts, and the split each one means.
-SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test", "all": "all"}
 
 DATASET_NAMES = {
     "vqa_rad": "VQA-RAD",
@@ -57,7 +70,10 @@ DATASET_NAMES = {
     "roco": "ROCO",
     "iu_xray": "IU-Xray (R2Gen annotation.json)",
     "mimic": "MIMIC-CXR",
+    "omnimedvqa": "OmniMedVQA",
 }
+
+OMNIMEDVQA_QA_DIR = "QA_information/Open-access"
 
 # Where each dataset keeps a split, relative to its folder, under the names its release uses;
 # for R2Gen's annotation.json, the key of the split's list.
@@ -74,6 +90,9 @@ SPLIT_FILES: dict[str, dict[str, str]] = {
     },
     "iu_xray": {"train": "train", "val": "val", "test": "test"},
     "mimic": {"train": "train", "val": "val", "test": "test"},
+    # OmniMedVQA ships no splits: every split is drawn from the same files (read_omnimedvqa).
+    "omnimedvqa": {"train": OMNIMEDVQA_QA_DIR, "val": OMNIMEDVQA_QA_DIR, "test": OMNIMEDVQA_QA_DIR,
+                   "all": OMNIMEDVQA_QA_DIR},
 }
 
 # Words in a file or folder name that say which split it holds.
@@ -396,13 +415,157 @@ def read_iu_xray(path: str | Path, split: str = "train", image_root: str | Path 
     return samples
 
 
+# ---------------------------------------------------------------- MIMIC-CXR
+
+MIMIC_SPLIT_CSV = ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv")
+MIMIC_METADATA_CSV = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")
+# Where the sectioned reports are: MIMIC-CXR-JPG users unpack mimic-cxr-reports.zip beside the
+# images; the MIMIC-CXR (DICOM) release puts the .txt files in the same files/ tree as the studies.
+MIMIC_REPORT_FOLDERS = ("mimic-cxr-reports/files", "files")
+MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+# A frontal view shows what the report describes; a lateral one only when nothing else exists.
+VIEW_PREFERENCE = {"PA": 0, "AP": 1}
+IMAGE_SUFFIXES = (".jpg", ".dcm")
+
+# A section header of a MIMIC-CXR report: upper case at the start of a line, then a colon
+# ("FINDINGS:", "IMPRESSION:", "PA AND LATERAL VIEWS OF THE CHEST:"), as the MIMIC-CXR code's
+# section parser finds them.
+_SECTION = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]{1,60}?)[ \t]*:(?=\s|$)", re.MULTILINE)
+# Header names that mean findings or impression besides the ones that contain those words.
+SECTION_ALIASES = {"conclusion": "impression", "conclusions": "impression", "chest, two views": "findings"}
+
+
+def report_sections(text: str) -> dict[str, str]:
+    """The findings and impression of a MIMIC-CXR report, whitespace collapsed, by section name.
+
+    A header naming both ("FINDINGS AND IMPRESSION") counts as the impression; several sections of
+    one kind are joined in order.
+    """
+    found: dict[str, list[str]] = {}
+    heads = list(_SECTION.finditer(text))
+    for head, following in zip(heads, heads[1:] + [None]):
+        name = head.group(1).strip().lower()
+        name = SECTION_ALIASES.get(name) or ("impression" if "impression" in name else
+                                             "findings" if "finding" in name else name)
+        body = " ".join(text[head.end():following.start() if following else len(text)].split())
+        if name in ("findings", "impression") and body:
+            found.setdefault(name, []).append(body)
+    return {name: " ".join(parts) for name, parts in found.items()}
+
+
+def mimic_report_target(text: str) -> str | None:
+    """Findings then impression, one space apart; None when the report has neither."""
+    sections = report_sections(text)
+    target = " ".join(sections[name] for name in ("findings", "impression") if name in sections)
+    return target or None
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+    import gzip
+
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz"
+              else path.open(encoding="utf-8", newline="")) as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read the CSV file ({e})") from e
+
+
+def _first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / name for name in names if (folder / name).is_file()), None)
+
+
+def _mimic_folder(root: Path) -> Path | None:
+    """The folder of a PhysioNet MIMIC-CXR(-JPG) release (the one holding the split CSV), if `root` is one."""
+    return root if root.is_dir() and _first_file(root, MIMIC_SPLIT_CSV) is not None else None
+
+
+def _study_folder(subject_id: str, study_id: str) -> PurePath:
+    """`p10/p10000032/s50414267`: where both PhysioNet releases keep a study, under their `files/`."""
+    subject = f"p{subject_id}"
+    return PurePath(subject[:3], subject, f"s{study_id}")
+
+
+def read_mimic_release(root: Path, split: str, image_root: str | Path | None = None, *,
+                       allow_outside_root: bool = False) -> list[Sample]:
+    """One sample per study of the PhysioNet release in `root`, at the split its split CSV assigns.
+
+    The image is the study's first frontal view (PA, then AP, from the metadata CSV when it is
+    there), else its first image, as `<dicom_id>.jpg` (MIMIC-CXR-JPG) or `.dcm` (MIMIC-CXR),
+    under `image_root` (default: `root`). The target is the report's findings and impression. A
+    study without a report file, or whose report has neither section, is left out and counted in
+    a warning, as R2Gen's preprocessing leaves them out.
+    """
+    split_csv = _first_file(root, MIMIC_SPLIT_CSV)
+    key = _split_key("mimic", split, root)
+    rows = _read_csv_rows(split_csv)
+    missing = [c for c in ("dicom_id", "study_id", "subject_id", "split") if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"{split_csv}: no column(s) {missing}; expected dicom_id, study_id, subject_id, split")
+    metadata_csv = _first_file(root, MIMIC_METADATA_CSV)
+    views = ({r["dicom_id"]: r.get("ViewPosition", "") for r in _read_csv_rows(metadata_csv)}
+             if metadata_csv is not None else {})
+    studies: dict[tuple[str, str], list[str]] = {}
+    for line, row in enumerate(rows, start=2):
+        if row["split"] not in MIMIC_SPLITS:
+            raise DataError(f"{split_csv}: line {line} has split {row['split']!r}; expected one of "
+                            f"{', '.join(MIMIC_SPLITS)}")
+        if MIMIC_SPLITS[row["split"]] == key:
+            studies.setdefault((row["subject_id"], row["study_id"]), []).append(row["dicom_id"])
+    images = _ImageFolder(image_root, root, allow_outside_root)
+    report_roots = [root / folder for folder in MIMIC_REPORT_FOLDERS]
+    samples: list[Sample] = []
+    no_report: list[Path] = []
+    no_sections: list[Path] = []
+    for (subject_id, study_id), dicom_ids in studies.items():
+        study = _study_folder(subject_id, study_id)
+        report = next((r / study.parent / f"{study.name}.txt" for r in report_roots
+                       if (r / study.parent / f"{study.name}.txt").is_file()), None)
+        if report is None:
+            no_report.append(report_roots[0] / study.parent / f"{study.name}.txt")
+            continue
+        target = mimic_report_target(report.read_text(encoding="utf-8", errors="replace"))
+        if target is None:
+            no_sections.append(report)
+            continue
+        dicom_id = min(dicom_ids, key=lambda d: (VIEW_PREFERENCE.get(views.get(d, ""), 2), dicom_ids.index(d)))
+        names = ["files" / study / f"{dicom_id}{suffix}" for suffix in IMAGE_SUFFIXES]
+        name = next((n for n in names if (images.folder / n).is_file()), names[0])
+        samples.append(Sample(image_path=images.join(str(name), split_csv, f"study s{study_id}", "image path"),
+                              prompt_kind="report", question=None, answer=target,
+                              meta={"qid": f"s{study_id}", "restricted": True}))
+    if studies and not samples:
+        raise DataError(f"{root}: none of the {len(studies)} {split} studies has a report with findings or impression; "
+                        f"looked for {no_report[0] if no_report else no_sections[0]} (reports are read from "
+                        f"{' or '.join(str(r) for r in report_roots)}: unpack mimic-cxr-reports.zip there)")
+    if no_report:
+        logger.warning("%s: %d of %d %s studies have no report file (the first: %s); they are left out",
+                       root, len(no_report), len(studies), split, no_report[0])
+    if no_sections:
+        logger.warning("%s: %d of %d %s reports have neither findings nor impression (the first: %s); they are "
+                       "left out", root, len(no_sections), len(studies), split, no_sections[0])
+    return samples
+
+
 def read_mimic(path: str | Path, split: str = "train", image_root: str | Path | None = None, *,
                allow_outside_root: bool = False) -> list[Sample]:
-    """MIMIC-CXR as R2Gen's annotation.json, or as `{jpg_path: [reports]}` (one split, first report)."""
-    path = _annotation_path(Path(path))
+    """MIMIC-CXR in any of three layouts; every sample is marked `restricted` (credentialed data).
+
+    - the PhysioNet release folder (`read_mimic_release`), recognised by its split CSV;
+    - R2Gen's `annotation.json` (a folder holding it, or the file);
+    - `{jpg_path: [reports]}` (one split, first report), images relative to the file's folder.
+    """
+    root = Path(path)
+    if _mimic_folder(root) is not None and not (root / "annotation.json").is_file():
+        return read_mimic_release(root, split, image_root, allow_outside_root=allow_outside_root)
+    path = _annotation_path(root)
     data = load_json(path)
     if isinstance(data, dict) and any(k in data for k in ("train", "val", "test")):
-        return read_iu_xray(path, split, image_root, allow_outside_root=allow_outside_root, kind="mimic")
+        samples = read_iu_xray(path, split, image_root, allow_outside_root=allow_outside_root, kind="mimic")
+        for sample in samples:
+            sample.meta["restricted"] = True
+        return samples
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object (R2Gen splits or {{jpg_path: [reports]}}), found {type(data).__name__}")
     key = _split_key("mimic", split, path)
@@ -414,7 +577,116 @@ def read_mimic(path: str | Path, split: str = "train", image_root: str | Path | 
         if not isinstance(report, str) or not report.strip():
             raise DataError(f"{path}: entry {i} ({jpg!r}) has no report")
         samples.append(Sample(image_path=images.join(jpg, path, f"entry {i}", "image path (the key)"), prompt_kind="report",
-                              question=None, answer=report.strip(), meta={"qid": jpg}))
+                              question=None, answer=report.strip(), meta={"qid": jpg, "restricted": True}))
+    return samples
+
+
+# ---------------------------------------------------------------- OmniMedVQA
+
+OMNIMEDVQA_OPTIONS = ("option_A", "option_B", "option_C", "option_D")
+# OmniMedVQA has no official split. Items are split by image (every question about one image
+# lands in the same split), from a hash of its path, so the split does not depend on file order.
+OMNIMEDVQA_SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
+CLOSED_ANSWERS = ("yes", "no")
+
+
+def omnimedvqa_split(image_path: str) -> str:
+    """The split ("train", "val" or "test") of an OmniMedVQA image: 80/10/10 by SHA-256 of its path."""
+    import hashlib
+
+    bucket = int.from_bytes(hashlib.sha256(image_path.encode("utf-8")).digest()[:8], "big") % 100
+    if bucket < OMNIMEDVQA_SPLIT_PERCENT["train"]:
+        return "train"
+    return "val" if bucket < OMNIMEDVQA_SPLIT_PERCENT["train"] + OMNIMEDVQA_SPLIT_PERCENT["val"] else "test"
+
+
+def _omnimedvqa_files(path: Path) -> tuple[list[Path], Path]:
+    """(QA files to read, the folder their image paths are relative to) for a root, QA folder or file."""
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        files = [path]
+    else:
+        folder = path / OMNIMEDVQA_QA_DIR if (path / OMNIMEDVQA_QA_DIR).is_dir() else path
+        if not folder.is_dir():
+            raise DataError(f"{path}: OmniMedVQA folder not found (give the folder that holds {OMNIMEDVQA_QA_DIR}/ "
+                            "and Images/, or one QA json file)")
+        files = sorted(folder.glob("*.json"))
+        if not files:
+            raise DataError(f"{folder}: no OmniMedVQA QA files (*.json) there; expected the folder that holds "
+                            f"{OMNIMEDVQA_QA_DIR}/; {_listing(folder)}")
+    # Image paths ("Images/ACRIMA/Im001_ACRIMA.jpg") are relative to the folder above QA_information.
+    qa_info = next((p for p in files[0].parents if p.name == "QA_information"), None)
+    return files, (qa_info.parent if qa_info is not None else files[0].parent)
+
+
+def _load_qa_items(path: Path) -> list:
+    """A QA file: a JSON list, or JSON Lines (some copies of the release are dumped that way)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if text.lstrip().startswith("{"):  # a QA file is a list; an object first means one item per line
+        items = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
+        return items
+    return _as_list(load_json(path), path)
+
+
+def _correct_option(item: dict, answer: str) -> str | None:
+    """The option whose text is `gt_answer` (compared without surrounding space and case)."""
+    options = [str(item[k]).strip() for k in OMNIMEDVQA_OPTIONS if item.get(k) not in (None, "")]
+    return next((o for o in options if o.casefold() == answer.casefold()), None)
+
+
+def read_omnimedvqa(path: str | Path, split: str = "train", image_root: str | Path | None = None, *,
+                    allow_outside_root: bool = False) -> list[Sample]:
+    """OmniMedVQA's open-access QA files, multiple choice turned open-ended.
+
+    `path`: the OmniMedVQA folder (holding `QA_information/Open-access/` and `Images/`), the
+    Open-access folder, or one QA file. The question is kept without its options; the answer is
+    the correct option's text (`gt_answer`); answer_type is CLOSED for yes/no answers, OPEN
+    otherwise; the modality (`modality_type`, or `modality` in the few items that use that key) is
+    kept for per-modality scores. Split `all` is every item; `train`, `val` and `test` take 80/10/10
+    of the images by a hash of their path (`omnimedvqa_split`), every question of an image in the
+    same split. Restricted-access files are not read (their images are not distributed).
+    """
+    key = _split_key("omnimedvqa", split, Path(path))
+    files, default_images = _omnimedvqa_files(Path(path))
+    images = _ImageFolder(image_root, default_images, allow_outside_root)
+    samples = []
+    unmatched: list[str] = []
+    for file in files:
+        for i, item in enumerate(_load_qa_items(file)):
+            name = require(item, "image_path", file, i)
+            if key != "all" and omnimedvqa_split(name) != key:
+                continue
+            answer = require(item, "gt_answer", file, i)
+            option = _correct_option(item, answer)
+            if option is None:
+                unmatched.append(f"{file.name} item {i}")
+            answer = option or answer
+            qid = item.get("question_id", f"{file.stem}_{i}")
+            samples.append(Sample(
+                image_path=images.join(name, file, f"item {i}", "image_path"),
+                prompt_kind="vqa",
+                question=require(item, "question", file, i),
+                answer=answer,
+                meta={"qid": qid,
+                      "answer_type": "CLOSED" if answer.lower().rstrip(".") in CLOSED_ANSWERS else "OPEN",
+                      "question_type": str(item.get("question_type", "")),
+                      "organ": "",
+                      "modality": str(item.get("modality_type") or item.get("modality") or ""),
+                      "dataset": str(item.get("dataset", file.stem))},
+            ))
+    if unmatched:
+        logger.warning("OmniMedVQA: %d items have a gt_answer that is none of their options (the first: %s); "
+                       "their gt_answer is the answer", len(unmatched), unmatched[0])
     return samples
 
 
@@ -427,6 +699,7 @@ READERS = {
     "roco": read_roco,
     "iu_xray": read_iu_xray,
     "mimic": read_mimic,
+    "omnimedvqa": read_omnimedvqa,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pefomed.engine import distributed
-from pefomed.engine.build import n_image_tokens
+from pefomed.engine.build import model_inputs, n_image_tokens
 from pefomed.engine.config import Config, DatasetSpec
 
 
@@ -50,11 +50,26 @@ def load_samples(specs: list[DatasetSpec], cfg: Config, is_main: bool = True) ->
         if not found:
             raise readers.DataError(f"{spec.path}: the {spec.split!r} split of {spec.kind} holds no samples; "
                                     "check the split and the dataset file")
+        mark_restricted(found, spec)
         samples += found
     return samples
 
 
+def mark_restricted(samples: list, spec: DatasetSpec) -> None:
+    """Mark every sample of a `restricted: true` dataset as credentialed data.
+
+    The flag travels with each sample into predictions.jsonl, where the GPT judge refuses to send
+    restricted items to an endpoint that is not local. It can only be added here: a reader that
+    marks its own samples (MIMIC-CXR) keeps them marked, and only the judge config's explicit
+    `restricted_data_ok` statement lets them go to another endpoint.
+    """
+    if spec.restricted:
+        for sample in samples:
+            sample.meta["restricted"] = True
+
+
 def build_dataset(samples: list, cfg: Config, tokenizer, *, train: bool):
+    from pefomed.engine.data.augment import make_augment
     from pefomed.engine.data.collate import VLMDataset
 
     return VLMDataset(
@@ -67,6 +82,8 @@ def build_dataset(samples: list, cfg: Config, tokenizer, *, train: bool):
         seed=cfg.train.seed,
         train=train,
         short_prompt_prob=cfg.data.short_prompt_prob if train else 0.0,
+        augment=make_augment(cfg.data.augment, cfg.model.image_size) if train else None,
+        inputs=model_inputs(cfg),  # Idefics2's own image processing and image token span; None otherwise
     )
 
 

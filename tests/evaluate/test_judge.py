@@ -9,6 +9,7 @@ Retry-After are observed on the server side, where they happen.
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +60,10 @@ class FakeOpenAI:
         if not gate:
             self.gate_open.set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        # A client that hangs up early (after a 401 it needs no more) makes the reply's write fail;
+        # socketserver would print that to stderr, which the CLI tests read. Keep it here instead.
+        self.errors = []
+        self.server.handle_error = lambda request, address: self.errors.append(sys.exc_info()[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def _handler(self):
@@ -469,3 +474,166 @@ def test_config_file_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     assert load_judge_config(None).api_key_env == "OPENAI_API_KEY"
     Judge(JudgeConfig(api_key_env="MY_JUDGE_KEY", cache_dir=str(tmp_path / "c"))).close()
+
+
+# ---------------------------------------------------------------- credentialed data (MIMIC-CXR)
+
+MIMIC_IMAGE = "/data/mimic-cxr-jpg/files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"
+MIXED_ITEMS = [
+    {"task": "report", "answer": "No acute process.", "prediction": "No acute process.", "restricted": True,
+     "question": None},
+    {"task": "report", "answer": "Small left effusion.", "prediction": "Left effusion.", "image": MIMIC_IMAGE},
+    {"question": "is there a mass?", "answer": "yes", "prediction": "yes", "answer_type": "CLOSED", "modality": "CT"},
+    {"question": "which organ?", "answer": "liver", "prediction": "spleen", "answer_type": "OPEN", "modality": "MR"},
+]
+PUBLIC_IP = "93.184.216.34"
+STATEMENT = "Azure OpenAI deployment covered by our PhysioNet-approved agreement; no prompts are retained."
+
+
+def http_library():
+    """The HTTP library the openai client is built on (httpx, or its httpx2 fork in newer releases)."""
+    import importlib
+
+    import openai
+
+    return importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
+
+
+class RecordingTransport:
+    """A transport for the openai client that answers chat completions itself and records every request body."""
+
+    def __init__(self, content="Correctness: 1"):
+        self.bodies, self.content = [], content
+        self.http = http_library()
+        self.transport = self.http.MockTransport(self.handle)
+
+    def handle(self, request):
+        body = json.loads(request.read())
+        self.bodies.append(body)
+        content = "Score: 3" if "medical report" in body["messages"][0]["content"] else self.content
+        return self.http.Response(200, content=completion(content, body["model"]),
+                                  headers={"content-type": "application/json"})
+
+
+def resolve_as(monkeypatch, table):
+    """DNS answers from `table` (host -> addresses, or an exception), and a record of every socket connect."""
+    attempts = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        answer = table[host]
+        if isinstance(answer, Exception):
+            raise answer
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answer]
+
+    def connect(sock, address):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test: no connection to {address} allowed")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    return attempts
+
+
+def sent_texts(transport):
+    return [body["messages"][0]["content"] for body in transport.bodies]
+
+
+def test_restricted_items_are_judged_by_a_loopback_server(tmp_path):
+    script = [(200, "Correctness: 1"), (200, "Correctness: 0"), (200, "Score: 3"), (200, "Score: 2")]
+    with FakeOpenAI(script) as server:
+        out = run_judge(MIXED_ITEMS, config(server.url, tmp_path))
+    assert len(server.requests) == 4 and out["n_withheld"] == 0
+    assert out["restricted"] == {"n_restricted": 2, "endpoint": server.url, "local": True,
+                                 "why": "its host 127.0.0.1 resolves to 127.0.0.1 (local)"}
+
+
+def test_restricted_items_never_reach_a_non_local_endpoint(tmp_path, monkeypatch, caplog):
+    attempts = resolve_as(monkeypatch, {"judge.example.org": [PUBLIC_IP]})
+    caplog.set_level(logging.WARNING)
+    restricted_only = MIXED_ITEMS[:2]
+    out = run_judge(restricted_only, config("https://judge.example.org/v1", tmp_path))
+    assert attempts == []  # no connection was even attempted
+    assert out["tokens"]["requests"] == 0 and out["n_withheld"] == 2 and out["n_judged"] == 0
+    assert [v["status"] for v in out["verdicts"]] == ["withheld", "withheld"]
+    assert out["restricted"]["why"] == f"its host judge.example.org resolves to {PUBLIC_IP}, which is not a loopback or " \
+                                       "private address"
+    assert "http://127.0.0.1:8000/v1" in out["restricted"]["fix"] and "restricted_data_ok" in out["restricted"]["fix"]
+    assert "2 of 2 items are restricted" in caplog.text and "data use agreement forbids third-party APIs" in caplog.text
+
+
+def test_everything_else_is_judged_and_only_it_is_sent(tmp_path, monkeypatch):
+    attempts = resolve_as(monkeypatch, {"judge.example.org": [PUBLIC_IP]})
+    transport = RecordingTransport()
+    judge = Judge(config("https://judge.example.org/v1", tmp_path), transport=transport.transport)
+    try:
+        out = run_judge(MIXED_ITEMS, judge, exact=[True, False, True, False])
+    finally:
+        judge.close()
+    sent = sent_texts(transport)
+    assert len(sent) == 2 and attempts == []
+    assert sent == [VQA_PROMPT.format(**MIXED_ITEMS[2]), VQA_PROMPT.format(**MIXED_ITEMS[3])]
+    assert not any(it["answer"] in text for it in MIXED_ITEMS[:2] for text in sent)
+    assert [v["status"] for v in out["verdicts"]] == ["withheld", "withheld", "ok", "ok"]
+    assert out["n_judged"] == 2 and out["n_withheld"] == 2 and "report" not in out
+    assert out["vqa"]["by_modality"] == {"CT": {"n": 1, "accuracy": 1.0}, "MR": {"n": 1, "accuracy": 1.0}}
+
+
+@pytest.mark.parametrize("table, local", [
+    ({"judge.example.org": socket.gaierror(-2, "Name or service not known")}, False),  # DNS failure: not local
+    ({"judge.example.org": ["10.0.0.5"]}, True),
+    ({"judge.example.org": ["192.168.1.20", "fd00::7"]}, True),
+    ({"judge.example.org": ["10.0.0.5", PUBLIC_IP]}, False),  # one public address is enough to refuse
+])
+def test_what_counts_as_local(tmp_path, monkeypatch, table, local):
+    resolve_as(monkeypatch, table)
+    transport = RecordingTransport()
+    judge = Judge(config("http://judge.example.org:8000/v1", tmp_path), transport=transport.transport)
+    try:
+        out = run_judge(MIXED_ITEMS[:1], judge)
+    finally:
+        judge.close()
+    assert out["restricted"]["local"] is local and out["n_withheld"] == (0 if local else 1)
+    assert len(transport.bodies) == (1 if local else 0)
+
+
+def test_no_base_url_is_the_openai_api_and_is_refused_for_restricted_items(tmp_path, monkeypatch):
+    attempts = resolve_as(monkeypatch, {})  # nothing may even be looked up
+    out = run_judge(MIXED_ITEMS[:1], config(None, tmp_path))
+    assert out["n_withheld"] == 1 and attempts == [] and "api.openai.com" in out["restricted"]["why"]
+
+
+def test_an_explicit_statement_lets_restricted_items_go_and_is_logged(tmp_path, monkeypatch, caplog):
+    resolve_as(monkeypatch, {"judge.example.org": [PUBLIC_IP]})
+    caplog.set_level(logging.WARNING)
+    transport = RecordingTransport()
+    judge = Judge(config("https://judge.example.org/v1", tmp_path, restricted_data_ok=STATEMENT),
+                  transport=transport.transport)
+    try:
+        out = run_judge(MIXED_ITEMS, judge)
+    finally:
+        judge.close()
+    assert len(transport.bodies) == 4 and out["n_withheld"] == 0 and out["report"]["n_scored"] == 2
+    assert out["restricted"]["restricted_data_ok"] == STATEMENT
+    assert "sending 2 restricted (credentialed) items to https://judge.example.org/v1" in caplog.text
+    assert STATEMENT in caplog.text
+    bad = tmp_path / "judge.yaml"
+    for value in ("true", "'ok'"):
+        bad.write_text(f"restricted_data_ok: {value}\n")
+        with pytest.raises(JudgeError, match="restricted_data_ok=.* must be a written statement"):
+            load_judge_config(bad)
+
+
+def test_score_withholds_mimic_items_from_a_remote_judge(tmp_path, cli, monkeypatch):
+    attempts = resolve_as(monkeypatch, {"judge.example.org": [PUBLIC_IP]})
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(it) + "\n" for it in MIXED_ITEMS[:2]))
+    cfg = tmp_path / "judge.yaml"
+    cfg.write_text(f"base_url: https://judge.example.org/v1\ncache_dir: {tmp_path / 'cache'}\n")
+    code, out, err = cli("score", "--predictions", preds, "--out", tmp_path / "out", "--judge", "--judge-config", cfg,
+                         "--no-meteor", "--report-tokenizer", "python")
+    assert code == 0 and attempts == []
+    judge = json.loads((tmp_path / "out" / "metrics.json").read_text())["judge"]
+    assert judge["n_withheld"] == 2 and judge["restricted"]["local"] is False
+    assert "2 restricted items withheld from a non-local endpoint" in err and "vllm serve" in err
+    assert "report_metrics" in json.loads((tmp_path / "out" / "metrics.json").read_text())  # the rest is scored
