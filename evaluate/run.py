@@ -234,6 +234,9 @@ def prediction_record(sample: Sample, reply: str, *, image_used: str, prompt: st
         "image_used": image_used,
         "prompt": prompt,
     }
+    if sample.meta.get("restricted"):
+        # Credentialed data (MIMIC-CXR): the judge sends it only to a local endpoint.
+        record["restricted"] = True
     if error is not None:
         record["error"] = error
     return record

@@ -290,3 +290,19 @@ def test_clean_reply_keeps_a_report_whole():
 ])
 def test_guess_answer_type(question, expected):
     assert guess_answer_type(question) == expected
+
+
+def test_restricted_samples_stay_marked_in_predictions():
+    """MIMIC-CXR items carry `restricted` into predictions.jsonl, where the judge's guard reads it."""
+    from pefomed.evaluate.judge import is_restricted
+    from pefomed.evaluate.predictions import validate_items
+
+    def record(meta):
+        sample = Sample(image_path="scan.png", prompt_kind="report", question=None, answer="no acute findings.",
+                        meta=meta)
+        return run.prediction_record(sample, "no acute findings.", image_used="scan.png", prompt="minigptv2")
+
+    marked, plain = record({"restricted": True}), record({})
+    assert marked["restricted"] is True and "restricted" not in plain
+    validated = validate_items([marked, plain], "test")
+    assert [is_restricted(item) for item in validated] == [True, False]
