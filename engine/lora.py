@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -326,8 +327,8 @@ def load_adapter_state_dict(llm: nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def peft_adapter_config(cfg: LoRAConfig, base_model: str, adapter_keys: Iterable[str]) -> dict:
-    """PEFT's adapter_config.json; target_modules lists the layers that really carry adapters."""
-    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter_keys})
+    """PEFT's adapter_config.json; target_modules names exactly the layers that carry adapters."""
+    targets = peft_target_modules(adapter_keys)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -343,6 +344,22 @@ def peft_adapter_config(cfg: LoRAConfig, base_model: str, adapter_keys: Iterable
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def peft_target_modules(adapter_keys: Iterable[str]) -> list[str] | str:
+    """The `target_modules` PEFT needs to put adapters exactly where ours are.
+
+    For a causal LM whose adapters all sit in its decoder layers, the leaf names (`["q_proj",
+    "v_proj"]`), as PEFT users write them. Otherwise (Idefics2: text model, connector and
+    resampler carry adapters, while SigLIP also has `q_proj`s that must not) a regex that PEFT
+    full-matches against module names, with the layer index generalized.
+    """
+    modules = sorted({k.removeprefix(PEFT_PREFIX).split(".lora_")[0] for k in adapter_keys})
+    layer_index = re.compile(r"\\\.\d+\\\.")
+    shapes = sorted({layer_index.sub(r"\\.\\d+\\.", re.escape(m)) for m in modules})
+    if all(shape.startswith(r"model\.layers\.\d+\.") for shape in shapes):
+        return sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return "(" + "|".join(shapes) + ")"
 
 
 def write_adapter_config(path: Path, config: dict) -> None:

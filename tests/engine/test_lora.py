@@ -183,3 +183,25 @@ def test_adapter_of_another_config_is_refused(tmp_path):
     wider = {k: torch.zeros(8, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 8) for k, v in state.items()}
     with pytest.raises(CheckpointError, match=r"has shape \[8, 32\] but the model expects \[4, 32\]; check lora.r"):
         load_adapter_state_dict(model.llm, wider, "b.safetensors")
+
+
+def test_peft_target_modules_select_exactly_the_adapted_layers():
+    """PEFT's own matcher, given our adapter_config, picks the layers that carry adapters and no others."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from pefomed.engine.lora import PEFT_PREFIX, peft_target_modules
+
+    def keys(modules):
+        return [f"{PEFT_PREFIX}{m}.lora_{ab}.weight" for m in modules for ab in "AB"]
+
+    llama = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert peft_target_modules(keys(llama)) == ["q_proj", "v_proj"]
+
+    adapted = ["model.text_model.layers.0.self_attn.q_proj", "model.text_model.layers.1.mlp.down_proj",
+               "model.connector.modality_projection.up_proj", "model.connector.perceiver_resampler.layers.0.self_attn.q_proj"]
+    untouched = ["model.vision_model.encoder.layers.0.self_attn.q_proj", "model.text_model.layers.0.self_attn.k_proj",
+                 "lm_head", "model.connector.modality_projection.down_proj"]
+    config = LoraConfig(r=4, target_modules=peft_target_modules(keys(adapted)))
+    assert all(check_target_module_exists(config, name) for name in adapted)
+    assert not any(check_target_module_exists(config, name) for name in untouched)
