@@ -1,17 +1,26 @@
 """Build the vision-language model that a run config describes.
 
 This is the one place where config turns into modules. `build_model(cfg, device)` composes
-parts that each do one job:
+parts that each do one job, for the assembly `model.arch` names:
 
 - `engine.ops.kernel_ops`: `model.kernels` -> the kernel callables, resolved once;
-- `build_llm`: the LLM, with the linear factory that builds LoRA (`lora.*`) and QLoRA
-  (`model.quantize_llm`) into it as it is constructed or loaded;
-- `build_vision`: the vision tower (its linears from the same factory, without adapters);
-- `build_connector`: `ln_vision` and the grouped projection, with the kernels' projection;
+- `minigptv2` and `llava`, a `VisionLanguageModel` (models/vlm.py):
+  - `build_llm`: the LLM, with the linear factory that builds LoRA (`lora.*`) and QLoRA
+    (`model.quantize_llm`) into it as it is constructed or loaded;
+  - `build_vision`: the vision tower (its linears from the same factory, without adapters);
+  - `build_connector`: `ln_vision` and the connector `model.connector` names: MiniGPT-v2's
+    grouped projection with the kernels' projection op, or LLaVA's `mm_projector`;
+- `idefics2`, an `Idefics2VisionLanguageModel` (models/idefics2.py), `build_idefics2`: one
+  HF-named model whose text model gets LoRA and (QLoRA) NF4 weights, whose connector (modality
+  projection and perceiver resampler) gets LoRA on full-precision weights, and whose SigLIP
+  tower gets neither, as Med-Idefics adapts it;
 - `load_projection` / `load_adapter`: the `model.projection_checkpoint` /
   `model.adapter_checkpoint` to start from;
-- `freeze_and_cast`: everything but the adapters and the projection frozen, the model in
-  `model.dtype`, the trained parameters in fp32.
+- `freeze_and_cast`: everything but the adapters and the connector frozen (by name), the
+  model in `model.dtype`, the trained parameters in fp32.
+
+`n_image_tokens(cfg)` and `model_inputs(cfg)` tell the data pipeline how many positions an
+image fills and, for Idefics2, how images and their placeholders are prepared.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pefomed.engine.config import Config, ConfigError
+from pefomed.engine.config import Config, ConfigError, LoRAConfig
 from pefomed.engine.lora import (
     ADAPTER_KEYS,
+    ALL_LINEAR,
     freeze_except,
     init_fresh_adapters,
     load_adapter_state_dict,
@@ -33,8 +43,7 @@ from pefomed.engine.lora import (
     make_linear_factory,
 )
 from pefomed.engine.ops import KernelOps, kernel_ops, weight_quantizer
-from pefomed.models import llama, vit
-from pefomed.models.connectors import GroupedProjection
+from pefomed.models import connectors, idefics2, llama, vit
 from pefomed.models.loading import CheckpointNotFoundError, iter_state_dict, load_into, read_state_dict
 from pefomed.models.vlm import VisionLanguageModel
 
@@ -88,16 +97,22 @@ def vision_config(cfg: Config) -> vit.VisionConfig:
     return dataclasses.replace(vit.CONFIGS[m.vision], image_size=m.image_size)
 
 
+def adapters(cfg: Config) -> LoRAConfig | None:
+    """The LoRA config, or None when `lora.enabled` is false (only the connector trains)."""
+    return cfg.lora if cfg.lora.enabled else None
+
+
 def build_llm(cfg: Config, device: torch.device, ops: KernelOps) -> llama.LlamaForCausalLM:
     """The LLM with LoRA (and NF4 frozen weights under QLoRA) built in by the linear factory."""
     m = cfg.model
     dtype = DTYPES[m.dtype]
     config = llm_config(cfg)
     check_lora_targets(cfg, config)
-    factory = make_linear_factory(cfg.lora, ops, quantize=weight_quantizer(m.quantize_llm), dtype=dtype)
-    if m.random_init:
+    factory = make_linear_factory(adapters(cfg), ops, quantize=weight_quantizer(m.quantize_llm), dtype=dtype)
+    elementwise = llama_ops(ops)
+    if m.random_init or device.type == "meta":  # meta: shapes only (engine.sharded_loading loads)
         with torch.device(device):
-            model = llama.LlamaForCausalLM(config, linear_factory=factory)
+            model = llama.LlamaForCausalLM(config, linear_factory=factory, ops=elementwise)
         return model.to(dtype)
     model = llama.LlamaForCausalLM.from_pretrained(
         m.llm,
@@ -106,13 +121,24 @@ def build_llm(cfg: Config, device: torch.device, ops: KernelOps) -> llama.LlamaF
         linear_factory=factory,
         attn_implementation=m.attn_implementation,
         allow_missing=ADAPTER_KEYS,
+        ops=elementwise,
     )
     init_fresh_adapters(model, device, dtype)
     return model
 
 
+def llama_ops(ops: KernelOps) -> llama.LlamaOps:
+    """The LLM's RMSNorm / SwiGLU / RoPE from the kernel ops; the model's lean defaults where None."""
+    default = llama.LEAN_OPS
+    return llama.LlamaOps(
+        rms_norm=ops.rms_norm or default.rms_norm, swiglu=ops.swiglu or default.swiglu, rope=ops.rope or default.rope
+    )
+
+
 def check_lora_targets(cfg: Config, config: llama.LlamaConfig) -> None:
     """`lora.target_modules` must name layers of this LLM (checked on the meta device, before loading)."""
+    if not cfg.lora.enabled:
+        return
     probe = make_linear_factory(cfg.lora)
     with torch.device("meta"):
         llama.LlamaForCausalLM(config, linear_factory=probe)
@@ -124,7 +150,7 @@ def build_vision(cfg: Config, device: torch.device, ops: KernelOps) -> vit.Visio
     dtype = DTYPES[m.dtype]
     config = vision_config(cfg)
     factory = make_linear_factory(None, ops)
-    if m.vision_checkpoint:
+    if m.vision_checkpoint and device.type != "meta":
         return vit.VisionTransformer.from_pretrained(
             m.vision_checkpoint, config, dtype=dtype, device=device, layout=m.vision_layout, linear_factory=factory
         )
@@ -135,20 +161,117 @@ def build_vision(cfg: Config, device: torch.device, ops: KernelOps) -> vit.Visio
 
 def build_connector(
     cfg: Config, vision_width: int, llm_width: int, device: torch.device, ops: KernelOps
-) -> tuple[nn.Module | None, GroupedProjection]:
-    """MiniGPT-v2's frozen `ln_vision` (or None) and the trainable grouped projection."""
+) -> tuple[nn.Module | None, nn.Module]:
+    """MiniGPT-v2's frozen `ln_vision` (or None) and the trainable connector `model.connector` names."""
     m = cfg.model
     with torch.device(device):
         ln_vision = nn.LayerNorm(vision_width) if m.ln_vision else None
-        connector = GroupedProjection(
-            vision_width, llm_width, group=m.group, layout=m.group_layout, projection=ops.grouped_projection
+        connector = connectors.build_connector(
+            m.connector, vision_width, llm_width, group=m.group, layout=m.group_layout,
+            projection=ops.grouped_projection,
         )
     return ln_vision, connector
 
 
+# --- Idefics2 ----------------------------------------------------------------------------------
+
+# Idefics2's processor resizes so that the shorter side is at least this (and the longer at
+# most `model.image_size`, 980 for the released model).
+IDEFICS2_SHORTEST_EDGE = 378
+
+
+def idefics2_config(cfg: Config) -> idefics2.Idefics2Config:
+    """The Idefics2Config of `model.llm`: a named config (random_init) or the folder's config.json."""
+    m = cfg.model
+    if m.random_init:
+        if m.llm not in idefics2.CONFIGS:
+            raise ConfigError(
+                f"model.llm={m.llm!r} with model.random_init=true and model.arch=idefics2 must name one of "
+                f"{sorted(idefics2.CONFIGS)}; to load weights, set model.llm to an Idefics2 folder"
+            )
+        base = idefics2.CONFIGS[m.llm]
+        text = with_overrides(base.text, m.llm_overrides)
+        perceiver = dataclasses.replace(base.perceiver, hidden_size=text.hidden_size)
+        base = dataclasses.replace(base, text=text, perceiver=perceiver)
+    else:
+        if m.llm_overrides:
+            raise ConfigError(
+                f"model.llm_overrides={m.llm_overrides} applies to random-init models only; the sizes of the "
+                f"pretrained model.llm={m.llm!r} come from its config.json: remove model.llm_overrides"
+            )
+        base = idefics2.Idefics2Config.from_hf(m.llm)
+    if m.image_size > base.vision.image_size:
+        raise ConfigError(
+            f"model.image_size={m.image_size}: Idefics2's vision tower covers images up to {base.vision.image_size} px "
+            f"a side (its position table); set model.image_size <= {base.vision.image_size}"
+        )
+    return base.with_text(attn_implementation=m.attn_implementation)
+
+
+def model_inputs(cfg: Config) -> idefics2.Idefics2Inputs | None:
+    """How images and their placeholders are prepared, when the model needs more than one
+    `model.image_size` square image and a run of placeholders (Idefics2); None otherwise."""
+    m = cfg.model
+    if m.arch != "idefics2":
+        return None
+    processor = idefics2.Idefics2ImageProcessor(
+        do_image_splitting=m.image_splitting,
+        shortest_edge=min(IDEFICS2_SHORTEST_EDGE, m.image_size),
+        longest_edge=m.image_size,
+    )
+    return idefics2.Idefics2Inputs(processor, image_seq_len=idefics2_config(cfg).image_seq_len)
+
+
+def check_idefics2_targets(cfg: Config, config: idefics2.Idefics2Config) -> None:
+    """`lora.target_modules` must name layers of the text model or the connector (on meta)."""
+    if not cfg.lora.enabled:
+        return
+    text, connector = make_linear_factory(cfg.lora), make_linear_factory(cfg.lora)
+    with torch.device("meta"):
+        idefics2.Idefics2ForConditionalGeneration(config, text_factory=text, connector_factory=connector)
+    names = text.leaf_names | connector.leaf_names
+    unmatched = sorted(text.targets - {ALL_LINEAR} - names)
+    if unmatched:
+        raise ConfigError(
+            f"lora.target_modules: {unmatched} match no linear layer of Idefics2's text model or connector; "
+            f"their layers are named {sorted(names)} (or use [{ALL_LINEAR}])"
+        )
+
+
+def build_idefics2(cfg: Config, device: torch.device, ops: KernelOps) -> idefics2.Idefics2VisionLanguageModel:
+    """Idefics2 with adapters on the text model (NF4 under QLoRA) and the connector, none on SigLIP."""
+    m = cfg.model
+    dtype = DTYPES[m.dtype]
+    config = idefics2_config(cfg)
+    check_idefics2_targets(cfg, config)
+    lora = adapters(cfg)
+    factories = {
+        "text_factory": make_linear_factory(lora, ops, quantize=weight_quantizer(m.quantize_llm), dtype=dtype),
+        "connector_factory": make_linear_factory(lora, ops, dtype=dtype),
+        "vision_factory": make_linear_factory(None, ops),
+    }
+    if m.random_init or device.type == "meta":  # meta: shapes only
+        with torch.device(device):
+            model = idefics2.Idefics2ForConditionalGeneration(config, **factories)
+        model.to(dtype)
+    else:
+        model = idefics2.Idefics2ForConditionalGeneration.from_pretrained(
+            m.llm, config, dtype=dtype, device=device, allow_missing=ADAPTER_KEYS, **factories
+        )
+        init_fresh_adapters(model, device, dtype)
+    return idefics2.Idefics2VisionLanguageModel(model)
+
+
 def load_projection(connector: nn.Module, path: str, device: torch.device) -> None:
-    """`model.projection_checkpoint`: a projection.safetensors (keys llama_proj.weight / .bias)."""
-    load_into(connector, iter_state_dict(path), device=device, source=f"{path} (model.projection_checkpoint)")
+    """`model.projection_checkpoint`: a projection.safetensors (keys llama_proj.weight / .bias,
+    or LLaVA's mm_projector.*), or LLaVA's own mm_projector.bin (keys model.mm_projector.*)."""
+    load_into(
+        connector,
+        iter_state_dict(path),
+        device=device,
+        rename=lambda key: key.removeprefix("model.") if key.startswith("model.mm_projector.") else key,
+        source=f"{path} (model.projection_checkpoint)",
+    )
 
 
 def load_adapter(llm: nn.Module, folder: str) -> None:
@@ -162,7 +285,7 @@ def load_adapter(llm: nn.Module, folder: str) -> None:
     load_adapter_state_dict(llm, read_state_dict(path), str(path))
 
 
-def freeze_and_cast(model: VisionLanguageModel, dtype: torch.dtype) -> list[str]:
+def freeze_and_cast(model: nn.Module, dtype: torch.dtype) -> list[str]:
     """Cast to `dtype`, freeze all but the adapters and the connector; those stay in fp32.
 
     AdamW updates of 1e-5 vanish in bf16, so the few trained parameters are kept in fp32 and
@@ -180,25 +303,38 @@ def freeze_and_cast(model: VisionLanguageModel, dtype: torch.dtype) -> list[str]
 
 def build_model(
     cfg: Config, device: torch.device | str = "cpu", *, ops: KernelOps | None = None
-) -> VisionLanguageModel:
-    """The whole model of `cfg` on `device`; `ops` overrides the kernels `model.kernels` names."""
+) -> VisionLanguageModel | idefics2.Idefics2VisionLanguageModel:
+    """The whole model of `cfg` on `device`; `ops` overrides the kernels `model.kernels` names.
+
+    On the meta device nothing is initialized or loaded: the model has its full shapes and its
+    trainable set, for counting and for sharded loading.
+    """
     m = cfg.model
     device = torch.device(device)
     ops = ops or kernel_ops(m.kernels, device)
     torch.manual_seed(cfg.train.seed)  # random-init towers and fresh adapters are reproducible
-    llm = build_llm(cfg, device, ops)
-    vision = build_vision(cfg, device, ops)
-    ln_vision, connector = build_connector(cfg, vision.config.hidden_size, llm.config.hidden_size, device, ops)
-    if m.projection_checkpoint:
+    if m.arch == "idefics2":
+        model = build_idefics2(cfg, device, ops)
+        llm, connector = model.llm, model.connector
+    else:
+        llm = build_llm(cfg, device, ops)
+        vision = build_vision(cfg, device, ops)
+        ln_vision, connector = build_connector(cfg, vision.config.hidden_size, llm.config.hidden_size, device, ops)
+        cache_bytes = m.feature_cache_mb * 2**20 if m.feature_cache else 0
+        model = VisionLanguageModel(vision, llm, connector, ln_vision, feature_cache_bytes=cache_bytes)
+    if m.projection_checkpoint and device.type != "meta":
         load_projection(connector, m.projection_checkpoint, device)
-    if m.adapter_checkpoint:
+    if m.adapter_checkpoint and device.type != "meta":
         load_adapter(llm, m.adapter_checkpoint)
-    model = VisionLanguageModel(vision, llm, connector, ln_vision)
     freeze_and_cast(model, DTYPES[m.dtype])
     return model
 
 
 def n_image_tokens(cfg: Config) -> int:
+    """The placeholder positions one sample's image fills in the prompt."""
+    inputs = model_inputs(cfg)
+    if inputs is not None:
+        return inputs.n_image_tokens
     config = vision_config(cfg)
     n_patches = (config.image_size // config.patch_size) ** 2
-    return n_patches // cfg.model.group
+    return n_patches if cfg.model.connector != "grouped" else n_patches // cfg.model.group

@@ -1,19 +1,25 @@
-"""One Vision Transformer for the recipes' towers: EVA01-CLIP-g/14 (PeFoMed) and CLIP ViTs.
+"""One Vision Transformer for the recipes' towers: EVA01-CLIP-g/14 (PeFoMed), BiomedCLIP's
+ViT-B/16 (the lightweight LVLM of arXiv 2504.05575) and CLIP ViTs.
 
 Parameter names follow the LAVIS / MiniGPT-v2 EVA checkpoint (`eva_vit_g.pth`), the file the
 PeFoMed recipe loads: `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.norm1`,
 `blocks.N.attn.qkv.weight` (no bias) with separate `q_bias` / `v_bias` (EVA has no key bias),
 `blocks.N.attn.proj`, `blocks.N.norm2`, `blocks.N.mlp.fc1/fc2`. CLIP adds `k_bias`, `norm_pre`
-(its `pre_layrnorm`) and `norm` (its `post_layernorm`). Each other layout gets one rename
-function over the state dict: transformers' `Blip2VisionModel` (the same EVA architecture)
-and `CLIPVisionModel` (separate q/k/v projections, fused here into `qkv`).
+(its `pre_layrnorm`) and `norm` (its `post_layernorm`). timm's `VisionTransformer` uses these
+same names, with one fused `qkv.bias` (split here into q / k / v biases). Each other layout gets
+one rename function over the state dict: transformers' `Blip2VisionModel` (the same EVA
+architecture), `CLIPVisionModel` and `ViTModel` (separate q/k/v projections, fused here into
+`qkv`), and open_clip's timm tower (`open_clip_pytorch_model.bin`: the timm ViT under
+`visual.trunk.`, CLIP's embedding projection under `visual.head.`, which is dropped).
 
 `VisionConfig.output_layer` picks the hidden state returned, indexed as transformers'
 `hidden_states` (0 = embeddings, -1 = last block, -2 = second-to-last); blocks after it are
 not built and their checkpoint tensors are skipped. MiniGPT-v2 builds EVA-g with 39 of the
 checkpoint's 40 blocks and no final norm, so "eva-g-14" is `num_layers=40, output_layer=-2`;
 its `ln_vision` LayerNorm lives in models/vlm.py (transformers stores that same LayerNorm as
-`Blip2VisionModel.post_layernorm`).
+`Blip2VisionModel.post_layernorm`). LLaVA-1.5 feeds its projector the second-to-last block's
+patch tokens, before any final norm, so "biomedclip-b-16" is `num_layers=12, output_layer=-2`
+without the final norm (the connector drops the CLS token).
 
 Every linear layer is made through `linear_factory(name, in, out, bias)` as in models/llama.py,
 so the engine decides what each one is; `qkv` is bias-free there and its bias is added apart.
@@ -123,6 +129,17 @@ CONFIGS: dict[str, VisionConfig] = {
     ),
     "clip-l-14": VisionConfig(
         hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, patch_size=14, image_size=224, **_CLIP
+    ),
+    # BiomedCLIP's image tower, timm's vit_base_patch16_224 inside open_clip (pre-norm blocks,
+    # LayerNorm eps 1e-6, exact GELU, q/k/v biases), as LLaVA-1.5 selects its features: the
+    # second-to-last block's output, so the checkpoint's final `norm` is not built.
+    "biomedclip-b-16": VisionConfig(
+        hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, patch_size=16, image_size=224,
+        key_bias=True, output_layer=-2,
+    ),
+    "tiny-biomedclip": VisionConfig(
+        hidden_size=48, num_layers=3, num_heads=4, intermediate_size=96, patch_size=8, image_size=32,
+        key_bias=True, output_layer=-2,
     ),
     # The demo's tower: EVA-style, small enough for CPU.
     "tiny": VisionConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256, patch_size=8, image_size=64),
@@ -296,6 +313,11 @@ def _resolve_config(path: str | Path, config: VisionConfig | str | None, layout:
         return CONFIGS[config]
     if layout == "lavis":
         raise ValueError(f"{path}: a LAVIS checkpoint has no config file; pass config= (e.g. 'eva-g-14')")
+    if layout == "open_clip":
+        raise ValueError(
+            f"{path}: an open_clip checkpoint names its timm model, not a VisionConfig; pass config= "
+            "(e.g. 'biomedclip-b-16' for BiomedCLIP's vit_base_patch16_224)"
+        )
     return config_from_hf(path)
 
 
@@ -461,10 +483,112 @@ def _convert_hf_clip(items: Items) -> Converted:
         )
 
 
+# timm ViT names that are ours as they are (`norm_pre` is CLIP-style towers' pre-norm).
+TIMM_ROOTS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "norm_pre.")
+# timm's classifier and the norm of average pooling: not part of the token features.
+TIMM_DROPPED = ("head.", "fc_norm.")
+OPEN_CLIP_TRUNK = "visual.trunk."
+_TIMM_QKV_BIAS = re.compile(r"blocks\.(\d+)\.attn\.qkv\.bias")
+
+
+def _convert_open_clip(items: Items) -> Converted:
+    """open_clip's timm tower (`visual.trunk.*`), or a bare timm ViT state dict.
+
+    open_clip's `TimmModel` puts the timm ViT at `visual.trunk` and CLIP's projection to the
+    joint embedding at `visual.head` (BiomedCLIP: `visual.head.proj.weight`, 768 -> 512); the
+    text tower (`text.*`, or open_clip's own `transformer.*`, `token_embedding`, ...) and
+    `logit_scale` are other parts of the model. timm fuses the q/k/v biases into `qkv.bias`.
+    """
+    for key, tensor in items:
+        if key.startswith("visual."):
+            if key.startswith("visual.head."):
+                continue
+            if not key.startswith(OPEN_CLIP_TRUNK):
+                raise CheckpointError(
+                    f"{key}: an open_clip vision tower outside `visual.trunk.` (open_clip's own VisionTransformer, "
+                    "`visual.conv1` / `visual.transformer.resblocks`), not a timm ViT; layout 'open_clip' reads "
+                    "timm-tower checkpoints such as BiomedCLIP's open_clip_pytorch_model.bin"
+                )
+            name = key[len(OPEN_CLIP_TRUNK):]
+        elif key.startswith(TIMM_ROOTS + TIMM_DROPPED):
+            name = key  # a timm checkpoint of the ViT alone
+        else:
+            continue  # the text tower, logit_scale, ...
+        if name.startswith(TIMM_DROPPED):
+            continue
+        qkv_bias = _TIMM_QKV_BIAS.fullmatch(name)
+        if qkv_bias is None:
+            yield key, name, tensor
+            continue
+        i = qkv_bias.group(1)
+        for part, piece in zip("qkv", tensor.chunk(3)):
+            yield key, f"blocks.{i}.attn.{part}_bias", piece
+
+
+# transformers' ViTModel, in the module names of transformers 5 and in the checkpoint names that
+# the hub's files (written by transformers 4) carry.
+VIT_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+VIT_LAYER = {
+    **{f"{theirs}.{p}": f"{ours}.{p}" for p in ("weight", "bias") for theirs, ours in (
+        ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+        ("attention.o_proj", "attn.proj"), ("attention.output.dense", "attn.proj"),
+        ("mlp.fc1", "mlp.fc1"), ("intermediate.dense", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"), ("output.dense", "mlp.fc2"),
+    )},
+}
+_VIT_LAYER_KEY = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)")
+_VIT_QKV = re.compile(r"attention\.(?:([qkv])_proj|attention\.(query|key|value))\.(weight|bias)")
+
+
+def _convert_hf_vit(items: Items) -> Converted:
+    """transformers ViTModel (or the `vit.` part of ViTForImageClassification)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in items:
+        inner = key.removeprefix("vit.")
+        if inner.startswith(("pooler.", "classifier.")) or inner == "embeddings.mask_token":
+            continue  # heads and the masked-image-modelling token: not the features
+        if inner in VIT_TOP:
+            yield key, VIT_TOP[inner], tensor
+            continue
+        layer = _VIT_LAYER_KEY.fullmatch(inner)
+        if layer is None:
+            yield key, inner, tensor
+            continue
+        i, rest = layer.groups()
+        qkv = _VIT_QKV.fullmatch(rest)
+        if qkv is None:
+            yield key, f"blocks.{i}.{VIT_LAYER.get(rest, rest)}", tensor
+            continue
+        part = qkv.group(1) or qkv.group(2)[0]
+        if qkv.group(3) == "bias":
+            yield key, f"blocks.{i}.attn.{part}_bias", tensor
+            continue
+        parts = pending.setdefault(i, {})
+        parts[part] = tensor
+        if len(parts) == 3:
+            del pending[i]
+            yield key, f"blocks.{i}.attn.qkv.weight", torch.cat([parts[p] for p in "qkv"])
+    for i, parts in pending.items():
+        missing = sorted(set("qkv") - parts.keys())
+        raise CheckpointError(
+            f"layers.{i}.attention: the checkpoint has no {'/'.join(p + '_proj.weight' for p in missing)}; "
+            "it is incomplete or not a ViT checkpoint"
+        )
+
+
 LAYOUTS: dict[str, Callable[[Items], Converted]] = {
     "lavis": _convert_lavis,
     "hf_blip2": _convert_hf_blip2,
     "hf_clip": _convert_hf_clip,
+    "hf_vit": _convert_hf_vit,
+    "open_clip": _convert_open_clip,
 }
 
 
@@ -485,6 +609,43 @@ def from_hf_blip2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def from_hf_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers `CLIPVisionModel` -> our names (q/k/v weights fused into qkv)."""
     return convert_state_dict(state, "hf_clip")
+
+
+def from_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip timm tower (`visual.trunk.*`) -> our names (the fused qkv bias split in q / k / v)."""
+    return convert_state_dict(state, "open_clip")
+
+
+def to_hf_vit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names -> transformers 5 `ViTModel` module names: the inverse of `from_hf_vit`."""
+    top = {ours: theirs for theirs, ours in VIT_TOP.items()}
+    layer = {
+        "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    }
+    out = {}
+    for name, tensor in state.items():
+        if name in top:
+            out[top[name]] = tensor
+            continue
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)|blocks\.(\d+)\.attn\.([qkv])_bias", name)
+        if block is None:
+            raise CheckpointError(f"{name}: no ViTModel counterpart (a ViT has no norm_pre)")
+        if block.group(4) is not None:
+            out[f"layers.{block.group(4)}.attention.{block.group(5)}_proj.bias"] = tensor
+        elif block.group(2) == "attn.qkv":
+            for part, piece in zip("qkv", tensor.chunk(3)):
+                out[f"layers.{block.group(1)}.attention.{part}_proj.weight"] = piece
+        elif block.group(2) in layer:
+            out[f"layers.{block.group(1)}.{layer[block.group(2)]}.{block.group(3)}"] = tensor
+        else:
+            raise CheckpointError(f"{name}: no ViTModel counterpart")
+    return out
+
+
+def from_hf_vit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers `ViTModel` (4.x checkpoint or 5.x module names) -> our names."""
+    return convert_state_dict(state, "hf_vit")
 
 
 def to_hf_blip2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -514,20 +675,37 @@ def to_hf_blip2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(hf_config: Any, image_size: int | None = None, output_layer: int = -1) -> VisionConfig:
-    """A VisionConfig from a transformers Blip2(Vision)Config / CLIP(Vision)Config or its folder."""
+    """A VisionConfig from a transformers Blip2(Vision)Config / CLIP(Vision)Config / ViTConfig or its folder."""
     if isinstance(hf_config, (str, Path)):
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(str(hf_config), local_files_only=True)
     hf_config = getattr(hf_config, "vision_config", hf_config)  # a whole Blip2Config / CLIPConfig
     model_type = getattr(hf_config, "model_type", "")
-    if model_type not in ("clip_vision_model", "blip_2_vision_model"):
+    if model_type not in ("clip_vision_model", "blip_2_vision_model", "vit"):
         raise ValueError(
-            f"config_from_hf: model_type {model_type!r} is not a BLIP-2 or CLIP vision tower; "
+            f"config_from_hf: model_type {model_type!r} is not a BLIP-2, CLIP or ViT vision tower; "
             "build a VisionConfig by hand or pick one of " + ", ".join(CONFIGS)
         )
     if hf_config.hidden_act not in HF_ACTIVATIONS:
         raise ValueError(f"config_from_hf: hidden_act {hf_config.hidden_act!r} is not one of {sorted(HF_ACTIVATIONS)}")
+    if model_type == "vit":
+        if not hf_config.qkv_bias:
+            raise ValueError("config_from_hf: ViTConfig.qkv_bias=False; this ViT builds q/k/v biases")
+        return VisionConfig(
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            patch_size=hf_config.patch_size,
+            image_size=image_size or hf_config.image_size,
+            layer_norm_eps=hf_config.layer_norm_eps,
+            activation=HF_ACTIVATIONS[hf_config.hidden_act],
+            key_bias=True,
+            final_norm=output_layer in (-1, hf_config.num_hidden_layers),
+            normalize_output=output_layer in (-1, hf_config.num_hidden_layers),
+            output_layer=output_layer,
+        )
     clip = model_type == "clip_vision_model"
     if not clip and not getattr(hf_config, "qkv_bias", True):
         raise ValueError("config_from_hf: Blip2VisionConfig.qkv_bias=False; EVA towers have q and v biases")

@@ -24,14 +24,29 @@ IMAGE_PLACEHOLDER = "<ImageHere>"
 BOS_TEXT = "<s>"
 EOS_TEXT = "</s>"
 WRAPPER = "<s>[INST] <Img><ImageHere></Img> [{task}] {instruction} [/INST]"
+# The chat format of the model, chosen by its architecture (engine.build.model_inputs), around
+# the template's instruction. Idefics2's chat template has no task tag and ends turns with
+# <end_of_utterance>; its processor expands the image placeholder.
+CHATS = {
+    "minigptv2": WRAPPER,
+    "idefics2": "<s>User:<ImageHere>{instruction}<end_of_utterance>\nAssistant:",
+    # SmolLM2-Instruct's ChatML with the default system turn its chat template adds; `<s>` is the
+    # tokenizer's BOS, which for SmolLM2 is <|im_start|>, and the reply ends with <|im_end|> (EOS).
+    "smollm2": "<s>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+               "<|im_start|>user\n<ImageHere>\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+}
 
 VQA_INSTRUCTIONS = {
     "minigptv2": "Based on the image, respond to this question with a short answer: {q}",
     "expert": "You are an expert radiologist evaluating the case, answer the question succinctly "
               "based on the medical image. {q}",
     "short": "{q}",
+    # LLaVA-1.5's short-answer instruction, in SmolLM2-Instruct's chat format (TEMPLATE_CHATS).
+    "smollm2": "{q}\nAnswer the question using a single word or phrase.",
 }
 TEMPLATES = tuple(VQA_INSTRUCTIONS)
+# A template written for one model's chat format brings that format with it.
+TEMPLATE_CHATS = {"smollm2": "smollm2"}
 CAPTION_INSTRUCTIONS = (
     "Briefly describe this image.",
     "Provide a concise depiction of this image.",
@@ -74,11 +89,14 @@ def instruction(task: str, question: str | None, template: str = "minigptv2", rn
 
 
 def build_prompt(task: str, question: str | None = None, template: str = "minigptv2",
-                 rng: random.Random | None = None, short_prompt_prob: float = 0.0) -> str:
+                 rng: random.Random | None = None, short_prompt_prob: float = 0.0, chat: str = "minigptv2") -> str:
     """The full prompt text, `<s>[INST] <Img><ImageHere></Img> [task] ... [/INST]`.
 
     In training pass a seeded `rng`: it draws the short `[vqa] {q}` form with probability
     `short_prompt_prob` and the caption/report instruction from its pool. Without `rng` (in
     evaluation) the prompt is fixed.
     """
-    return WRAPPER.format(task=task, instruction=instruction(task, question, template, rng, short_prompt_prob))
+    chat = TEMPLATE_CHATS.get(template, chat)
+    if chat not in CHATS:
+        raise ValueError(f"chat format {chat!r}: expected one of {', '.join(CHATS)}")
+    return CHATS[chat].format(task=task, instruction=instruction(task, question, template, rng, short_prompt_prob))
