@@ -16,14 +16,15 @@ missing or unreadable image, is one `error:` line on stderr naming the file, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pefomed.engine.build import n_image_tokens
-from pefomed.engine.data.collate import prompt_for_generation
-from pefomed.engine.data.images import load_image
-from pefomed.engine.data.prompts import build_prompt
+from pefomed.engine.data.collate import generation_batch
+from pefomed.engine.data.images import ImageLoadError, load_image
+from pefomed.engine.data.readers import Sample
+from pefomed.engine.data.sources import build_dataset
 from pefomed.errors import run_cli
 from pefomed.evaluate.answers import clean_reply, extract_answer, guess_answer_type
 from pefomed.evaluate.run import (
@@ -46,12 +47,19 @@ def ask(checkpoint: str | Path, image: str | Path, question: str | None = None, 
     folder = resolve_checkpoint(checkpoint)
     cfg = load_eval_config(folder, config, overrides)
     # Read the image before building the model, so a bad file fails in a second.
-    pixels = load_image(image, cfg.model.image_size)
+    load_image(image, cfg.model.image_size)
     task = "report" if report else "vqa"
-    text = build_prompt(task, None if report else question.strip(), eval_template(cfg, prompt))
+    template = eval_template(cfg, prompt)
     run_device = resolve_device(cfg, device)
     model, tokenizer = load_model_for_eval(cfg, folder, run_device)
-    batch = prompt_for_generation(tokenizer, pixels[None], [text], n_image_tokens(cfg))
+    # The same path as `pefomed eval`: the dataset builds the prompt and the model's own image
+    # inputs (a square for MiniGPT-v2 and LLaVA, Idefics2's crops and pixel mask).
+    sample = Sample(image_path=str(image), prompt_kind=task, question=None if report else question.strip(), answer="")
+    run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=template))
+    item = build_dataset([sample], run_cfg, tokenizer, train=False)[0]
+    if "bad" in item:
+        raise ImageLoadError(item["bad"])
+    batch = generation_batch([item], tokenizer.pad_token_id)
     reply = decode_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
                          device=run_device, stop_ids=stop_token_ids(tokenizer))[0]
     return clean_reply(reply) if report else extract_answer(reply, guess_answer_type(question), question)

@@ -72,8 +72,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "projection.safetensors")
 SWAP_SEED = 0
-# LLaMA-3 chat ends a turn with <|eot_id|>, not with the tokenizer's EOS.
-EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
+# LLaMA-3 chat ends a turn with <|eot_id|>, Idefics2 with <end_of_utterance>, not with the
+# tokenizer's EOS.
+EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<end_of_utterance>")
 
 
 # ---------------------------------------------------------------- checkpoint and model
@@ -197,6 +198,9 @@ def eval_template(cfg: Config, prompt: str | None = None) -> str:
 def decode_batch(model, tokenizer, batch: dict, *, max_new_tokens: int, device: torch.device | str,
                  stop_ids: list[int] | None = None) -> list[str]:
     """Greedy replies, decoded, for a left-padded generation batch (`engine.data.collate`)."""
+    extra = {}
+    if "pixel_attention_mask" in batch:  # Idefics2: images of their own sizes, padded
+        extra["pixel_attention_mask"] = batch["pixel_attention_mask"].to(device)
     new_tokens = model.generate(
         batch["pixel_values"].to(device),
         batch["input_ids"].to(device),
@@ -205,6 +209,7 @@ def decode_batch(model, tokenizer, batch: dict, *, max_new_tokens: int, device: 
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids or [tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens.tolist()]
 

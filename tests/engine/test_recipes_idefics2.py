@@ -22,10 +22,10 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file
 
 from pefomed.engine import session
-from pefomed.engine.build import build_model, model_inputs, n_image_tokens
+from pefomed.engine.build import build_model, n_image_tokens
 from pefomed.engine.config import load_config
 from pefomed.engine.data import sources, synthetic
-from pefomed.engine.data.collate import VLMDataset, collate
+from pefomed.engine.data.collate import collate
 from pefomed.engine.data.tokenizer import build_demo_tokenizer, load_tokenizer
 from pefomed.engine.lora import FrozenNF4Linear, LoRALinear
 from pefomed.kernels.nf4 import NF4Tensor
@@ -151,23 +151,9 @@ def tiny(path: Path, out: Path, data: Path, *extra: str):
 
 
 @pytest.fixture
-def dataset_with_model_inputs(monkeypatch):
-    """engine.data.sources.build_dataset with `inputs=engine.build.model_inputs(cfg)`: the argument
-    that file (not this task's to edit) does not pass yet, so Idefics2 gets its processor there."""
-    original = sources.build_dataset
-
-    def build(samples, cfg, tokenizer, *, train):
-        dataset = original(samples, cfg, tokenizer, train=train)
-        if getattr(dataset, "inputs", None) is None and model_inputs(cfg) is not None:
-            dataset = VLMDataset(
-                samples, tokenizer, image_size=cfg.model.image_size, n_image_tokens=n_image_tokens(cfg),
-                template=cfg.data.template, max_length=cfg.data.max_length, seed=cfg.train.seed, train=train,
-                short_prompt_prob=cfg.data.short_prompt_prob if train else 0.0, inputs=model_inputs(cfg),
-            )
-        return dataset
-
-    monkeypatch.setattr(session, "build_dataset", build)
-    return build
+def dataset_with_model_inputs():
+    """engine.data.sources.build_dataset, which hands Idefics2 its own image processing."""
+    return sources.build_dataset
 
 
 def losses(out: Path) -> list[float]:
@@ -326,3 +312,22 @@ def test_idefics2_options_are_checked_naming_the_fix():
         build_model(load_config(STAGE1, [*FULL_SIZE, "lora.target_modules=[q_proj, out_proj]"]), "meta")
     # do_image_splitting: the 4 quadrants and the whole image, 64 latents each.
     assert n_image_tokens(load_config(STAGE1, [*FULL_SIZE, "model.image_splitting=true"])) == 5 * 64
+
+
+@pytest.mark.slow
+def test_eval_and_ask_run_idefics2_through_one_path(tmp_path, data):
+    """`pefomed eval` and `pefomed ask` decode an Idefics2 checkpoint (crops, pixel mask,
+    <end_of_utterance> stop) and give the same answer for the same image and question."""
+    from pefomed.evaluate import ask, run
+
+    vqa = f"data.train=[{{kind: synthetic, path: {data}, split: train}}]"
+    out = tmp_path / "run"
+    session.train_from_config(tiny(STAGE2, out, data, vqa, "model.adapter_checkpoint=null", "eval.max_new_tokens=6"))
+    checkpoint = run.resolve_checkpoint(out)
+    cfg = run.load_eval_config(checkpoint, None, [])
+    records = run.predict(*run.load_model_for_eval(cfg, checkpoint), sources.load_samples(
+        [dataclasses.replace(s, split="test") for s in cfg.data.train], cfg), cfg)
+    assert len(records) == 4 and not any("error" in r for r in records)
+    first = records[0]
+    answer = ask.ask(checkpoint, first["image"], first["question"], max_new_tokens=6)
+    assert answer == first["prediction"]
