@@ -32,19 +32,40 @@ stored absmax of an all-zero tail block (clamped to 1e-38). Dequantization is
 `nested_code[q] * nested_absmax + offset` (two separately rounded fp32 ops, so the kernels are
 compiled without FMA contraction), then one round-to-nearest-even cast: both
 `NF4Tensor.dequantize` (torch) and `dequantize_nf4` (Triton) are bit-identical to
-`bitsandbytes.functional.dequantize_4bit` for fp32, fp16 and bf16 outputs (the Triton kernel
-rounds bf16 on the bits because the interpreter truncates).
+`bitsandbytes.functional.dequantize_4bit` for fp32, fp16 and bf16 outputs (the kernel casts with
+the GPU's round to nearest even; the tests give the interpreter's casts the same rounding with
+tests/kernels/bf16_interpreter.py).
 
-Matmul: `nf4_matmul(x, q, bias, lora_xa=, lora_b=, scaling=)` computes
-`x @ W^T + bias + scaling * lora_xa @ lora_b^T` with W dequantized in registers from the packed
-bytes; M <= 16 (decode, evaluation) runs a GEMV-like kernel that reads each weight byte once and
-reduces on CUDA cores, larger M a tiled GEMM (fp32 accumulator, grouped tile order) whose W-tile
-loader dequantizes inside the K loop. `nf4_matmul_t(dy, q, lora_g=, lora_a=, seed=, dropout_p=)`
-is `dy @ W` for the backward, plus the LoRA part of dX (`keep * (g @ A) / (1 - p)`, the dropout
-mask of `kernels.lora`) in its epilogue. The `torch.library` custom ops `pefomed::nf4_linear`
-(with autograd), `pefomed::nf4_matmul_t` and `pefomed::nf4_dequantize` take the NF4Tensor as its
-inner tensors and layout (`nf4_op_args`), so torch.compile traces them whole; `kernels.lora`
-runs QLoRA through them.
+Matmul, as bitsandbytes and Unsloth do it: nothing dequantizes inside the K loop of a big GEMM.
+`nf4_matmul(x, q, bias, lora_xa=, lora_b=, scaling=, out=)` computes
+`x @ W^T + bias + scaling * lora_xa @ lora_b^T`.
+- M <= 16 rows (decoding, evaluation): a split-K GEMV (`_gemv_kernel`) that reads each packed
+  byte once, in 16-byte vectors two tiles ahead of their use, gathers the codes in x's dtype,
+  multiplies on the tensor cores (bf16/fp16 MMA, fp32 accumulation; rows padded to 16) and
+  scales the fp32 partial products by the block absmax. The last program of each column tile
+  (an acq_rel counter) sums the split-K slices in a fixed order, in the same launch.
+- More rows: the weight is dequantized once (`_dequant_kernel`: 128-bit loads, one absmax per
+  thread, 128-bit stores) into a per-device buffer in the compute dtype that every layer reuses
+  (`_dequantized`), then cuBLAS. With LoRA, `_expand_kernel` writes `bias + scaling * xa B^T`
+  first and cuBLAS adds the GEMM onto it (beta = 1).
+`nf4_matmul_t(dy, q, lora_g=, lora_a=, seed=, dropout_p=, mask=, out=)` is `dy @ W` for the
+backward: the buffer's W (still there if nothing evicted it since the forward) and cuBLAS, plus
+the LoRA part of dX (`keep * (g @ A) / (1 - p)` with kernels.lora's dropout mask, packed or drawn
+from the seed) written first by `_expand_kernel`.
+
+Memory policy: the dequantized-weight buffer holds one weight (the largest seen) per device,
+stream and dtype, so QLoRA's memory stays the NF4 codes plus one layer's dense weight;
+`set_dequant_cache_budget(bytes)` ($PEFOMED_NF4_CACHE_MB) keeps more recently used weights, so
+that a backward reuses its forward's dequantization (with activation checkpointing, one block's
+weights let every recomputed forward and its backward share one). Every call only launches
+kernels: the code tables and split-K counters stay on the device, nothing syncs with the host,
+and no allocation has a data-dependent size, so the ops can be captured in CUDA graphs (the
+caches are bypassed during capture; see `_dequantized`).
+
+The `torch.library` custom ops `pefomed::nf4_linear` (with autograd), `pefomed::nf4_matmul_t`
+and `pefomed::nf4_dequantize` take the NF4Tensor as its inner tensors and layout
+(`nf4_op_args`), so torch.compile traces them whole; `kernels.lora` runs QLoRA through them.
+`STATIC_CASES` registers every kernel with the compile gate (bench/static.py).
 
 Importing this module does not import Triton: the kernels below are plain functions until the
 first launch jit-compiles them (`_triton`), so the tensor subclass and its torch path run where
@@ -57,6 +78,8 @@ import functools
 import json
 import math
 import os
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -601,12 +624,21 @@ def _copy_(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     for name in _INNER:
         if getattr(dst, name) is not None:
             getattr(dst, name).copy_(getattr(src, name), non_blocking=non_blocking)
+            _mark_written(getattr(dst, name))
     return dst
+
+
+def _mark_written(inner: torch.Tensor) -> None:
+    """Bump an inner tensor's version counter: writes made here, below autograd, do not, and the
+    kernels' dequantized-weight buffer (`_dequantized`) keys on them."""
+    if not inner.is_inference():
+        torch.autograd.graph.increment_version(inner)
 
 
 @_implements(aten.zero_.default)
 def _zero_(func: Any, args: tuple, kwargs: dict) -> NF4Tensor:
     args[0].packed.fill_(_ZERO_BYTE)  # the zero code is 0.0 whatever the block's absmax
+    _mark_written(args[0].packed)
     return args[0]
 
 
@@ -881,12 +913,12 @@ torch.serialization.add_safe_globals([NF4Tensor])
 
 
 # --- shared Triton pieces -----------------------------------------------------------------------
-# The kernels' bodies name `tl`, `dot_acc`, `keep_mask` and each other as module globals; `_triton`
-# binds them and replaces each `@_jit` function by its `triton.jit` on the first launch.
+# The kernels' bodies name `tl`, `keep_mask` and `keep_bits` as module globals; `_triton` binds
+# them and replaces each `@_jit` function by its `triton.jit` on the first launch.
 
 tl: ModuleType | None = None
-dot_acc: Callable | None = None  # kernels.common's, bound with tl
-keep_mask: Callable | None = None
+keep_mask: Callable | None = None  # kernels.common's, bound with tl
+keep_bits: Callable | None = None
 _TRITON_FUNCTIONS: list[str] = []
 
 
@@ -901,10 +933,10 @@ def _triton_module() -> ModuleType:
     import triton
     import triton.language as language
 
-    from pefomed.kernels.common import dot_acc, keep_mask
+    from pefomed.kernels.common import keep_bits, keep_mask
 
     names = globals()
-    names.update(tl=language, dot_acc=dot_acc, keep_mask=keep_mask, _SOFT_BF16=language.constexpr(INTERPRET))
+    names.update(tl=language, keep_mask=keep_mask, keep_bits=keep_bits)
     for name in _TRITON_FUNCTIONS:
         names[name] = triton.jit(names[name])
     return triton
@@ -933,91 +965,399 @@ def _block_scale(absmax, nested_code, nested_absmax, offset, blk, mask, NESTED: 
     return scale
 
 
-@_jit
-def _round_to_bf16(v):
-    """fp32 -> bf16 with round-to-nearest-even on the bits (the interpreter's cast truncates)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-_SOFT_BF16 = INTERPRET  # a tl.constexpr once `_triton` runs
-
-
-@_jit
-def _cast(v, dtype: tl.constexpr):
-    """Round-to-nearest-even cast of fp32 `v` (GPUs convert natively; the interpreter gets the bit version)."""
-    if _SOFT_BF16 and dtype == tl.bfloat16:
-        return _round_to_bf16(v)
-    else:
-        return v.to(dtype)
-
-
-@_jit
-def _w_tile(packed, absmax, quant_map, nested_code, nested_absmax, offset, ns, k0, N, K,
-            BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
-            PAIRED: tl.constexpr):  # fmt: skip
-    """Dequantized fp32 W[ns, k0:k0+BK] (W is [N, K] row-major), zero outside W.
-
-    PAIRED (K and k0 even): every byte holds two neighbours of one row, so the tile is read as
-    BK/2 bytes per row, once, and the two nibbles are interleaved in registers. Otherwise (odd K)
-    bytes straddle rows and each element finds its own nibble.
-    """
-    rows = ns.to(tl.int64)
-    if PAIRED:
-        half = k0 // 2 + tl.arange(0, BK // 2)
-        mask = (ns[:, None] < N) & (half[None, :] < K // 2)
-        byte_idx = rows[:, None] * (K // 2) + half[None, :]
-        byte = tl.load(packed + byte_idx, mask=mask, other=0).to(tl.int32)
-        scale = _block_scale(absmax, nested_code, nested_absmax, offset, (byte_idx * 2) // BLOCKSIZE, mask, NESTED, NESTED_BS)
-        hi = tl.load(quant_map + (byte >> 4)) * scale
-        lo = tl.load(quant_map + (byte & 15)) * scale
-        w = tl.interleave(hi, lo)
-    else:
-        ks = k0 + tl.arange(0, BK)
-        mask = (ns[:, None] < N) & (ks[None, :] < K)
-        flat = rows[:, None] * K + ks[None, :]
-        byte = tl.load(packed + flat // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-        scale = _block_scale(absmax, nested_code, nested_absmax, offset, flat // BLOCKSIZE, mask, NESTED, NESTED_BS)
-        w = tl.load(quant_map + nibble) * scale
-    return w
-
-
-@_jit
-def _lora_product(left, right, rows, cols, M, N, R, stride_lm, stride_rn, stride_rr,
-                  BR: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """fp32 left[rows] @ right[cols]^T, with left [M, R] (unit stride in r) and right seen as [N, R]
-    through (stride_rn, stride_rr); the rank dimension in chunks of BR."""
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-    for r0 in range(0, R, BR):
-        rs = r0 + tl.arange(0, BR)
-        a = tl.load(left + rows[:, None] * stride_lm + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R), other=0.0)
-        b = tl.load(right + cols[:, None] * stride_rn + rs[None, :] * stride_rr,
-                    mask=(cols[:, None] < N) & (rs[None, :] < R), other=0.0)  # fmt: skip
-        if USE_DOT:
-            acc = dot_acc(acc, a.to(tl.float32), tl.trans(b.to(tl.float32)), IEEE)
-        else:
-            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-    return acc
-
-
 # --- dequantization -----------------------------------------------------------------------------
 
 
 @_jit
-def _dequant_kernel(packed, absmax, quant_map, nested_code, nested_absmax, offset, out, n,
-                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, BYTES: tl.constexpr):  # fmt: skip
-    """One program per BYTES packed bytes: out[2j] from the high nibble of byte j, out[2j+1] the low."""
-    j = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    mask = j < (n + 1) // 2
-    byte = tl.load(packed + j, mask=mask, other=0).to(tl.int32)
-    # blocksize is even, so both nibbles of a byte share a block
-    scale = _block_scale(absmax, nested_code, nested_absmax, offset, (2 * j) // BLOCKSIZE, mask, NESTED, NESTED_BS)
-    hi = _cast(tl.load(quant_map + (byte >> 4)) * scale, out.dtype.element_ty)
-    lo = _cast(tl.load(quant_map + (byte & 15)) * scale, out.dtype.element_ty)
-    idx = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-    tl.store(out + idx, tl.interleave(hi, lo), mask=idx < n)
+def _dequant_kernel(packed, absmax, quant_map, nested_code, nested_absmax, offset, out, n_bytes, n,
+                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    """GROUPS groups of 16 packed bytes (32 values) per program.
+
+    A group lies inside one quantization block (blocksizes are multiples of 32), so each thread
+    owns whole groups: one 128-bit load of codes, one absmax, 32 gathers from the 64-byte code
+    table (one L1 line), 32 fp32 products, and 128-bit stores of the 32 outputs (Triton routes
+    them through shared memory so that a warp writes 512 contiguous bytes).
+    """
+    g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    j = g[:, None] * 16 + tl.arange(0, 16)[None, :]
+    byte = tl.load(packed + j, mask=j < n_bytes, other=0).to(tl.int32)
+    scale = _block_scale(absmax, nested_code, nested_absmax, offset, (g * 32) // BLOCKSIZE, g * 16 < n_bytes, NESTED, NESTED_BS)
+    hi = tl.load(quant_map + (byte >> 4)) * scale[:, None]
+    lo = tl.load(quant_map + (byte & 15)) * scale[:, None]
+    idx = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(out + idx, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=idx < n)
+
+
+# --- M <= 16: split-K GEMV ------------------------------------------------------------------------
+
+
+@_jit
+def _row_bytes(packed, cols, kb0, kb_end, N, row_bytes, BK: tl.constexpr):
+    """Packed bytes [BN, BK/2] of weight rows `cols` from byte kb0 of each row (zero past kb_end / N)."""
+    c = kb0 + tl.arange(0, BK // 2)
+    # kb_end is a multiple of 16 bytes, so the mask is uniform over each 16-byte vector
+    return tl.load(packed + cols.to(tl.int64)[:, None] * row_bytes + c[None, :], mask=(cols < N)[:, None] & (c < kb_end)[None, :], other=0)
+
+
+@_jit
+def _gemv_epilogue(acc, rows, cols, M, N, R, scaling, bias, xa, lora_b, out,
+                   stride_bias, stride_am, stride_ar, stride_bn, stride_br, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+    """acc (+ scaling * xa @ lora_b^T) (+ bias) stored into out[rows, cols] in out's dtype."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    if HAS_LORA:
+        for r0 in range(0, R, BR):
+            rs = r0 + tl.arange(0, BR)
+            rs64 = rs.to(tl.int64)
+            a = tl.load(xa + rows64[:, None] * stride_am + rs64[None, :] * stride_ar, mask=(rows < M)[:, None] & (rs < R)[None, :], other=0.0)
+            b = tl.load(lora_b + rs64[:, None] * stride_br + cols64[None, :] * stride_bn, mask=(rs < R)[:, None] & (cols < N)[None, :], other=0.0)
+            # at most 16 x BN x r products, in the last program of each column tile: exact fp32
+            acc += scaling * tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias + cols64 * stride_bias, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    ptrs = out + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+    tl.store(ptrs, acc.to(out.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@_jit
+def _gemv_kernel(x, packed, absmax, quant_map, table, nested_code, nested_absmax, offset, bias, xa, lora_b, out, partial, counters,
+                 M, N, K, R, scaling, row_bytes, k_per_split, split_bytes,
+                 stride_xm, stride_xk, stride_bias, stride_am, stride_ar, stride_bn, stride_br, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                 NESTED_BS: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """out[:M] = x @ W^T (+ bias) (+ scaling * xa @ lora_b^T) for M <= BM = 16.
+
+    Program (n, s) owns output features [n*BN, (n+1)*BN) and the s-th of SPLIT_K slices of K, and
+    reads that part of the packed weight exactly once, two tiles ahead of their use. ALIGNED (K a
+    multiple of the blocksize, BK dividing it): each tile row lies in one quantization block, so
+    the code table in x's dtype (`table`) is gathered per nibble, the [16, BK] x [BK, BN] product
+    runs on the tensor cores with fp32 accumulation, and the block's absmax scales the fp32
+    partial product (one multiply per output, not per weight). Otherwise (blocks straddle rows)
+    each element finds its own nibble and absmax, and the weight is rounded to x's dtype first.
+    With SPLIT_K > 1 each program writes its fp32 partial [M, BN]; the last program of a column
+    tile to finish (an acq_rel counter) sums them in slice order, so the result is deterministic,
+    runs the epilogue and re-arms the counter for the next launch.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rows = tl.arange(0, BM)
+    rows64 = rows.to(tl.int64)
+    x_rows = x + rows64[:, None] * stride_xm
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if ALIGNED:
+        kb_begin = pid_k.to(tl.int64) * split_bytes
+        kb_end = tl.minimum(kb_begin + split_bytes, row_bytes)
+        blocks_per_row = K // BLOCKSIZE
+        # two tiles in flight ahead of the one being multiplied: a GEMV is as fast as its loads are deep
+        byte = _row_bytes(packed, cols, kb_begin, kb_end, N, row_bytes, BK)
+        ahead = _row_bytes(packed, cols, kb_begin + BK // 2, kb_end, N, row_bytes, BK)
+        for kb0 in range(kb_begin, kb_end, BK // 2):
+            nxt = _row_bytes(packed, cols, kb0 + BK, kb_end, N, row_bytes, BK)
+            ks = 2 * kb0 + tl.arange(0, BK)
+            a = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=(rows < M)[:, None], other=0.0)
+            b = byte.to(tl.int32)
+            codes = tl.interleave(tl.load(table + (b >> 4)), tl.load(table + (b & 15)))
+            blk = cols.to(tl.int64) * blocks_per_row + (2 * kb0) // BLOCKSIZE
+            scale = _block_scale(absmax, nested_code, nested_absmax, offset, blk, cols < N, NESTED, NESTED_BS)
+            if IEEE:
+                part = tl.dot(a, tl.trans(codes), input_precision="ieee")
+            else:
+                part = tl.dot(a, tl.trans(codes))
+            acc += part * scale[None, :]
+            byte = ahead
+            ahead = nxt
+    else:
+        k_begin = pid_k.to(tl.int64) * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        for k0 in range(k_begin, k_end, BK):
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=(rows < M)[:, None] & (ks < k_end)[None, :], other=0.0)
+            inside = (cols < N)[:, None] & (ks < k_end)[None, :]
+            flat = cols.to(tl.int64)[:, None] * K + ks[None, :]
+            byte = tl.load(packed + flat // 2, mask=inside, other=0).to(tl.int32)
+            nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+            scale = _block_scale(absmax, nested_code, nested_absmax, offset, flat // BLOCKSIZE, inside, NESTED, NESTED_BS)
+            # the weight in x's dtype, as bitsandbytes hands it to F.linear
+            w = (tl.load(quant_map + nibble) * scale).to(x.dtype.element_ty)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+    if SPLIT_K > 1:
+        col_ok = (cols < N)[None, :]
+        row_ok = (rows < M)[:, None]
+        tile = partial + (pid_k * BM + rows64[:, None]) * N + cols.to(tl.int64)[None, :]
+        tl.store(tile, acc, mask=row_ok & col_ok)
+        # Triton orders every thread's stores before the one atomic (bar.sync), and acq_rel at gpu
+        # scope publishes them to the program that sees the last count.
+        done = tl.atomic_add(counters + pid_n, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(partial + (s * BM + rows64[:, None]) * N + cols.to(tl.int64)[None, :],
+                                 mask=row_ok & col_ok, other=0.0, cache_modifier=".cg")  # fmt: skip
+            tl.atomic_xchg(counters + pid_n, 0)
+            _gemv_epilogue(total, rows, cols, M, N, R, scaling, bias, xa, lora_b, out,
+                           stride_bias, stride_am, stride_ar, stride_bn, stride_br, stride_om, stride_on,
+                           HAS_BIAS, HAS_LORA, BR)  # fmt: skip
+    else:
+        _gemv_epilogue(acc, rows, cols, M, N, R, scaling, bias, xa, lora_b, out,
+                       stride_bias, stride_am, stride_ar, stride_bn, stride_br, stride_om, stride_on,
+                       HAS_BIAS, HAS_LORA, BR)  # fmt: skip
+
+
+# --- M > 16 and dX: the rank-r term cuBLAS then accumulates onto -----------------------------------
+
+
+@_jit
+def _expand_kernel(out, bias, left, right, mask, seed, M, N, R, scale, p,
+                   stride_om, stride_on, stride_bias, stride_lm, stride_lr, stride_rn, stride_rr, stride_mm, stride_mb,
+                   HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+    """out[M, N] = (bias) + keep * (scale * left[M, R]) @ right[N, R]^T, written once in out's dtype.
+
+    cuBLAS then adds the base GEMM onto it (beta = 1), so the LoRA term costs one write of out
+    and cuBLAS's read of it. DROPOUT: 0 none; 1 the packed keep-mask bytes of kernels.lora (bit
+    i of byte b is column 8b + i); 2 the same mask drawn from `seed` element by element.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rs = r0 + tl.arange(0, BR)
+        rs64 = rs.to(tl.int64)
+        a = tl.load(left + rows64[:, None] * stride_lm + rs64[None, :] * stride_lr, mask=row_ok[:, None] & (rs < R)[None, :], other=0.0)
+        b = tl.load(right + rs64[:, None] * stride_rr + cols64[None, :] * stride_rn, mask=(rs < R)[:, None] & col_ok[None, :], other=0.0)
+        a = a.to(tl.float32) * scale
+        if IEEE:
+            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(out.dtype.element_ty), b.to(out.dtype.element_ty), acc)
+    if DROPOUT == 1:
+        byte_cols = pid_n * (BN // 8) + tl.arange(0, BN // 8)
+        packed = tl.load(mask + rows64[:, None] * stride_mm + byte_cols.to(tl.int64)[None, :] * stride_mb,
+                         mask=row_ok[:, None] & (byte_cols < tl.cdiv(N, 8))[None, :], other=0)  # fmt: skip
+        acc = tl.where(tl.reshape(keep_bits(packed), (BM, BN)), acc, 0.0)
+    elif DROPOUT == 2:
+        acc = tl.where(keep_mask(tl.load(seed), rows, cols, N, p), acc, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols64 * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + rows64[:, None] * stride_om + cols64[None, :] * stride_on, acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+# --- configurations per architecture ------------------------------------------------------------
+# Each entry compiles without spills and within the arch's shared memory (sm_80 163 KB, sm_86
+# 99 KB, sm_90 227 KB per block) and has the MMA kind and load widths its STATIC_CASES require;
+# `python -m pefomed.bench.static --only nf4` checks every one for sm_80, sm_86 and sm_90a.
+
+# (BN, BK, num_warps) of the GEMV, widest first. BK is capped by the blocksize (ALIGNED path).
+GEMV_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    90: [(128, 64, 8), (64, 64, 4)],
+    80: [(128, 64, 8), (64, 64, 4)],
+    86: [(128, 64, 8), (64, 64, 4)],
+}
+# Programs of each GEMV config resident per SM (65536 registers / (regs x threads), regs from the
+# gate: 96-103 at 256 threads, 76-102 at 128): split-K fills one wave of them, no partial second.
+GEMV_RESIDENT = {(128, 64, 8): 2, (64, 64, 4): 4}
+# Blocks that straddle rows (K not a multiple of the blocksize) take the per-element path, whose
+# index and absmax arithmetic per weight needs a narrower tile to stay in registers.
+GEMV_UNALIGNED_CONFIG: tuple[int, int, int] = (32, 64, 4)
+# (BM, BN, num_warps) of the rank-r expansion (memory-bound: one config).
+EXPAND_CONFIGS: dict[int, tuple[int, int, int]] = {90: (64, 128, 8), 80: (64, 128, 8), 86: (64, 128, 8)}
+# (GROUPS, num_warps) of the dequantization: two 16-byte groups per thread.
+DEQUANT_CONFIG: tuple[int, int] = (512, 8)
+# The interpreter's cost is per program and per op, not per element: small tiles keep test
+# shapes spread over several programs (and split-K slices) without slowing the tests down.
+_INTERPRETER = {"gemv": (32, 32, 1), "expand": (32, 32, 1), "dequant": (16, 1), "wave": 16}
+GEMV_BM = 16  # M <= SMALL_M rows are padded to one MMA tile
+MAX_SPLIT_K = 16
+
+
+def _arch(device: torch.device) -> int:
+    from pefomed.kernels.common import gate_arch
+
+    return gate_arch(torch.cuda.get_device_capability(device))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream_key(device: torch.device) -> tuple:
+    """Buffers reused across launches are per device and stream: stream order is what makes reuse safe."""
+    if device.type != "cuda":
+        return (device.type, device.index, 0)
+    return (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+
+
+# --- device-resident state: code tables, split-K counters, the dequantized-weight cache ----------
+# Each is built once and then only read by kernels, so a call launches kernels and nothing else:
+# no host sync and no allocation that depends on data, which CUDA graphs need. While a CUDA graph
+# is being captured nothing is inserted (the captured kernels have not run, so a cached buffer
+# would hold nothing yet for eager callers); fresh tensors from the graph's pool are used instead.
+
+_STATE_LOCK = threading.Lock()
+_TABLES: dict[tuple, tuple] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter: never cached
+        return None
+
+
+def _code_table(quant_map: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 NF4 code values in `dtype`, cached per quant_map tensor (fp32: the tensor itself)."""
+    if dtype == quant_map.dtype:
+        return quant_map
+    version = _version(quant_map)
+    key = (id(quant_map), dtype)
+    with _STATE_LOCK:
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0]() is quant_map and hit[1] == version and version is not None:
+            return hit[2]
+    table = quant_map.to(dtype)  # round to nearest even, as the GPU's cvt.rn
+    if version is not None and not _capturing(quant_map.device):
+        with _STATE_LOCK:
+            _TABLES[key] = (weakref.ref(quant_map, lambda _, key=key: _TABLES.pop(key, None)), version, table)
+    return table
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split-K programs; every launch leaves them zero again."""
+    if _capturing(device):
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = _stream_key(device)
+    with _STATE_LOCK:
+        counters = _COUNTERS.get(key)
+        if counters is None or counters.numel() < n:
+            counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+            _COUNTERS[key] = counters
+    return counters
+
+
+class _Slot:
+    """One dequantized weight: its flat buffer and what it holds (the inner tensors and versions)."""
+
+    __slots__ = ("buffer", "refs", "versions", "layout")
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.refs: tuple = ()
+        self.versions: tuple = ()
+        self.layout: tuple = ()
+
+    def holds(self, inner: tuple, layout: tuple) -> bool:
+        return (
+            self.layout == layout
+            and len(self.refs) == len(inner)
+            and all(ref() is t for ref, t in zip(self.refs, inner))
+            and self.versions == tuple(_version(t) for t in inner)
+        )
+
+
+_CACHE: dict[tuple, list[_Slot]] = {}  # (device, stream, dtype) -> slots, least recently used first
+_CACHE_BUDGET = int(float(os.environ.get("PEFOMED_NF4_CACHE_MB", "0")) * 2**20)
+
+
+def set_dequant_cache_budget(nbytes: int) -> None:
+    """Bytes of dequantized weights kept per device (and stream and dtype) for reuse.
+
+    The floor is one weight: the M > 16 matmuls dequantize into a scratch buffer the size of the
+    largest weight seen, reused by every layer. A larger budget keeps the most recently used
+    weights too, so the backward (dX) reuses the forward's dequantization when nothing evicted it
+    in between: with activation checkpointing, a budget of one transformer block's weights in the
+    compute dtype (LLaMA-7B: 4 * 4096^2 + 3 * 4096 * 11008 values, 0.4 GB in bf16) makes the
+    recomputed forward and the backward of each block share one dequantization. Also set by
+    $PEFOMED_NF4_CACHE_MB at import.
+    """
+    global _CACHE_BUDGET
+    if nbytes < 0:
+        raise ValueError(f"kernels.nf4.set_dequant_cache_budget: nbytes must be >= 0, got {nbytes}")
+    _CACHE_BUDGET = int(nbytes)
+    with _STATE_LOCK:
+        for slots in _CACHE.values():
+            _evict(slots, 0)
+
+
+def clear_dequant_cache(keep_buffers: bool = False) -> None:
+    """Forget every dequantized weight. By default also free the buffers, code tables and split-K
+    counters (e.g. before measuring peak memory); `keep_buffers=True` only marks the buffers empty,
+    so the next call dequantizes again into the same memory, as a step's next layer would (what a
+    benchmark of one layer called in a loop must do to time the dequantization it would pay)."""
+    with _STATE_LOCK:
+        if keep_buffers:
+            for slots in _CACHE.values():
+                for slot in slots:
+                    slot.refs, slot.versions, slot.layout = (), (), ()
+            return
+        _CACHE.clear()
+        _TABLES.clear()
+        _COUNTERS.clear()
+
+
+def _evict(slots: list[_Slot], incoming: int) -> list[_Slot]:
+    """Drop least recently used slots until `incoming` more bytes fit the budget; the dropped."""
+    dropped = []
+    while slots and sum(s.buffer.numel() * s.buffer.element_size() for s in slots) + incoming > _CACHE_BUDGET:
+        dropped.append(slots.pop(0))
+    return dropped
+
+
+def _dequantized(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight in `dtype`, for the M > 16 and dX matmuls (cuBLAS).
+
+    It lives in a per-device buffer and stays valid until the next call on the same device and
+    stream; the caller consumes it right away (stream order keeps later overwrites behind that
+    use). A weight still held from an earlier call is not dequantized again: the same inner
+    tensors (weak references, so a freed weight never matches) at the same version counters.
+    Every write to an NF4Tensor goes through `copy_` / `zero_`, which bump them; FSDP2's
+    all-gather refills a weight's own buffers without bumping them, but with that same weight's
+    codes, which is what the held buffer already holds.
+    """
+    inner = tuple(getattr(q, name) for name in _INNER if getattr(q, name) is not None)
+    layout = (tuple(q.shape), q.blocksize, q.nested_blocksize, dtype)
+    n = q.numel()
+    device = q.device
+    if _capturing(device) or any(_version(t) is None for t in inner):
+        return dequantize_nf4(q, dtype)
+    key = (*_stream_key(device), dtype)
+    with _STATE_LOCK:
+        slots = _CACHE.setdefault(key, [])
+        for i, slot in enumerate(slots):
+            if slot.holds(inner, layout):
+                slots.append(slots.pop(i))
+                return slot.buffer[:n].view(q.shape)
+        dropped = _evict(slots, n * dtype.itemsize)
+        reuse = next((s for s in dropped if s.buffer.numel() >= n), None)
+        slot = reuse or _Slot(_new_output((n,), dtype, device))
+        slot.refs, slot.versions, slot.layout = (), (), ()  # holds nothing until the kernel is queued
+        slots.append(slot)
+    weight = slot.buffer[:n].view(q.shape)
+    dequantize_nf4(q, dtype, out=weight)
+    slot.refs = tuple(weakref.ref(t) for t in inner)
+    slot.versions = tuple(_version(t) for t in inner)
+    slot.layout = layout
+    return weight
 
 
 def _nested_args(q: NF4Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1040,146 +1380,37 @@ def _check_device(device: torch.device, what: str) -> None:
         )
 
 
-def dequantize_nf4(q: NF4Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(q: NF4Tensor, out_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The full-precision weight, bit-identical to bitsandbytes' dequantize_4bit, by the Triton kernel.
 
-    On a CPU without TRITON_INTERPRET=1, where Triton cannot run, this is `q.dequantize(out_dtype)`.
+    `out` (contiguous, the stored [out, in] shape) receives it. On a CPU without
+    TRITON_INTERPRET=1, where Triton cannot run, this is `q.dequantize(out_dtype)`.
     """
     _check_nf4(q, "dequantize_nf4")
     out_dtype = out_dtype or q.dtype
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dequantize_nf4: out_dtype {out_dtype} is not one of float32, float16, bfloat16")
+    shape = q._stored_shape()
+    if out is not None and (out.shape != shape or out.dtype != out_dtype or not out.is_contiguous() or out.device != q.device):
+        raise ValueError(f"dequantize_nf4: out must be a contiguous {out_dtype} tensor of shape {list(shape)} on {q.device}")
     if q.device.type != "cuda" and not INTERPRET:
-        return q.dequantize(out_dtype)
+        dense = q.dequantize(out_dtype)
+        return dense if out is None else out.copy_(dense if q.is_contiguous() else dense.t())
     triton = _triton("dequantize_nf4")
-    out = _new_output(q._stored_shape(), out_dtype, q.device)
+    if out is None:
+        out = _new_output(shape, out_dtype, q.device)
     n = out.numel()
-    bytes_per_program = 1024
-    _dequant_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
-        q.packed, q.absmax, q.quant_map, *_nested_args(q), out, n,
-        BLOCKSIZE=q.blocksize, NESTED=q.nested, NESTED_BS=q.nested_blocksize, BYTES=bytes_per_program,
-        enable_fp_fusion=False,  # bitsandbytes rounds code8 * absmax2 before adding the offset
+    n_bytes = (n + 1) // 2
+    groups, warps = _INTERPRETER["dequant"] if INTERPRET else DEQUANT_CONFIG
+    _dequant_kernel[(triton.cdiv(triton.cdiv(n_bytes, 16), groups),)](
+        q.packed, q.absmax, q.quant_map, *_nested_args(q), out, n_bytes, n,
+        BLOCKSIZE=q.blocksize, NESTED=q.nested, NESTED_BS=q.nested_blocksize, GROUPS=groups,
+        num_warps=warps, num_stages=1, enable_fp_fusion=False,  # bitsandbytes rounds code8 * absmax2 before adding the offset
     )  # fmt: skip
     return out if q.is_contiguous() else out.t()
 
 
-# --- fused dequant + matmul ---------------------------------------------------------------------
-
-
-@_jit
-def _nf4_gemv_kernel(x, packed, absmax, quant_map, nested_code, nested_absmax, offset, bias, xa, lora_b, out,
-                     M, N, K, R, scaling, stride_xm, stride_am, stride_bn, stride_om,
-                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                     NESTED_BS: tl.constexpr, PAIRED: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):  # fmt: skip
-    """out[:M] = x @ W^T (+ bias) (+ lora) for M <= BM <= 16: each program owns BN output
-    features, reads their packed bytes once over the whole K and reduces all M rows on CUDA cores."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    rows = tl.arange(0, BM)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        w = _w_tile(packed, absmax, quant_map, nested_code, nested_absmax, offset, cols, k0, N, K,
-                    BK, BLOCKSIZE, NESTED, NESTED_BS, PAIRED)  # fmt: skip
-        w = _cast(w, x.dtype.element_ty).to(tl.float32)  # the weight in the compute dtype, as bitsandbytes hands it to F.linear
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(x + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        acc += scaling * _lora_product(xa, lora_b, rows, cols, M, N, R, stride_am, stride_bn, 1, BR, False, False)
-    tl.store(out + rows[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@_jit
-def _grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile (pid_m, pid_n) in grouped order: GROUP_M row tiles sweep the columns together (L2 reuse)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
-    return pid_m, pid_n
-
-
-@_jit
-def _nf4_gemm_kernel(x, packed, absmax, quant_map, nested_code, nested_absmax, offset, bias, xa, lora_b, out,
-                     M, N, K, R, scaling, stride_xm, stride_am, stride_bn, stride_om,
-                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                     NESTED_BS: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    """out = x @ W^T (+ bias) (+ lora): tiled GEMM, W tiles dequantized in the K loop, fp32 accumulator."""
-    pid_m, pid_n = _grouped_tile(M, N, BM, BN, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    x_rows = x + rows.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(x_rows + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        w = _w_tile(packed, absmax, quant_map, nested_code, nested_absmax, offset, cols, k0, N, K,
-                    BK, BLOCKSIZE, NESTED, NESTED_BS, PAIRED)  # fmt: skip
-        acc = dot_acc(acc, a, tl.trans(_cast(w, x.dtype.element_ty)), IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        acc += scaling * _lora_product(xa, lora_b, rows, cols, M, N, R, stride_am, stride_bn, 1, BR, True, IEEE)
-    out_ptrs = out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@_jit
-def _nf4_gemm_t_kernel(dy, packed, absmax, quant_map, nested_code, nested_absmax, offset, g, lora_a, seed, out,
-                       M, N, K, R, stride_dm, stride_gm, stride_ar, stride_om, keep_scale, p,
-                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, PAIRED: tl.constexpr,
-                       HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    """out[M, K] = dy[M, N] @ W[N, K] (+ keep * keep_scale * g @ A): each program owns a [BM, BK]
-    tile and walks N, W tiles dequantized in the loop; the LoRA part of dX (mask of kernels.lora) in the epilogue."""
-    pid_m, pid_k = _grouped_tile(M, K, BM, BK, GROUP_M)
-    rows = pid_m * BM + tl.arange(0, BM)
-    k0 = pid_k * BK
-    ks = k0 + tl.arange(0, BK)
-    dy_rows = dy + rows.to(tl.int64)[:, None] * stride_dm
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        ns = n0 + tl.arange(0, BN)
-        d = tl.load(dy_rows + ns[None, :], mask=(rows[:, None] < M) & (ns[None, :] < N), other=0.0)
-        w = _w_tile(packed, absmax, quant_map, nested_code, nested_absmax, offset, ns, k0, N, K,
-                    BK, BLOCKSIZE, NESTED, NESTED_BS, PAIRED)  # fmt: skip
-        acc = dot_acc(acc, d, _cast(w, dy.dtype.element_ty), IEEE)
-    if HAS_LORA:
-        # A is [R, K] with unit stride in K: seen as [K, R] it has strides (1, stride_ar)
-        lora = _lora_product(g, lora_a, rows, ks, M, K, R, stride_gm, 1, stride_ar, BR, True, IEEE)
-        if DROPOUT:
-            lora = tl.where(keep_mask(tl.load(seed), rows, ks, K, p), lora, 0.0)
-        acc += keep_scale * lora
-    out_ptrs = out + rows.to(tl.int64)[:, None] * stride_om + ks[None, :]
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=(rows[:, None] < M) & (ks[None, :] < K))
-
-
-GROUP_M = 2 if INTERPRET else 8  # small in the interpreter so that test shapes span several groups
-
-
-def _gemm_tiles() -> tuple[int, int, int]:
-    """(BM, BN, BK); the interpreter's cost is per op, not per element, hence its 32-wide tiles."""
-    return (32, 32, 32) if INTERPRET else (64, 128, 64)
-
-
-def _gemv_tiles(bm: int) -> tuple[int, int]:
-    """(BN, BK) keeping the [BM, BN, BK] product tile at 8192 fp32 (64 registers a thread at 4 warps)."""
-    if INTERPRET:
-        return 32, 64
-    bk = max(16, 256 // bm)
-    return 8192 // (bm * bk), bk
-
-
-def _rank_tile(triton: ModuleType, r: int) -> int:
-    """The rank chunk of the LoRA epilogues: tl.dot needs >= 16 and a power of two; masks cover the rest."""
-    return min(64, max(16, triton.next_power_of_2(r)))
+# --- the matmuls --------------------------------------------------------------------------------
 
 
 def _check_matmul_inputs(x: torch.Tensor, q: NF4Tensor, what: str) -> None:
@@ -1193,6 +1424,100 @@ def _check_matmul_inputs(x: torch.Tensor, q: NF4Tensor, what: str) -> None:
     _check_device(x.device, what)
 
 
+def _out_2d(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor | None:
+    """`out` seen as [M, N] (any strides), or None."""
+    if out is None:
+        return None
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"kernels.nf4.{what}: out must be {dtype} of shape {list(shape)} on {device}, got {out.dtype} {list(out.shape)} on {out.device}")
+    try:
+        return out.view(-1, shape[-1])
+    except RuntimeError as e:
+        raise ValueError(f"kernels.nf4.{what}: out with strides {out.stride()} cannot be seen as a 2-D [M, {shape[-1]}] tensor; pass a 2-D out") from e
+
+
+def _gemv_config(n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, programs per wave): the widest tile that can still fill a wave."""
+    if INTERPRET:
+        bn, bk, warps = _INTERPRETER["gemv"]
+        return bn, bk, warps, _INTERPRETER["wave"]
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    configs = GEMV_CONFIGS[_arch(device)]
+    for bn, bk, warps in configs:
+        wave = GEMV_RESIDENT[bn, bk, warps] * sms
+        if -(n // -bn) * min(MAX_SPLIT_K, max(1, k // (2 * bk))) >= wave:
+            return bn, bk, warps, wave
+    bn, bk, warps = configs[-1]
+    return bn, bk, warps, GEMV_RESIDENT[bn, bk, warps] * sms
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+def _gemv_split(n: int, k: int, bn: int, bk: int, wave: int) -> tuple[int, int]:
+    """(SPLIT_K, K per slice): at most one wave of programs, each slice at least two tiles of K."""
+    split = max(1, min(MAX_SPLIT_K, wave // _cdiv(n, bn), k // (2 * bk)))
+    k_per_split = _cdiv(_cdiv(k, split), bk) * bk  # a multiple of BK: slices start on 16-byte boundaries
+    return _cdiv(k, k_per_split), k_per_split
+
+
+def _gemv(x2: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None, xa: torch.Tensor | None, b: torch.Tensor | None,
+          scaling: float, out2: torch.Tensor) -> None:  # fmt: skip
+    triton = _triton_module()
+    m, k = x2.shape
+    n = q.shape[0]
+    bn, bk, warps, wave = _gemv_config(n, k, x2.device)
+    aligned = k % q.blocksize == 0
+    if aligned:
+        bk = min(bk, q.blocksize)
+    elif not INTERPRET:
+        bn, bk, warps = GEMV_UNALIGNED_CONFIG
+    n_tiles = triton.cdiv(n, bn)
+    split, k_per_split = _gemv_split(n, k, bn, bk, wave)
+    partial = _new_output((split, GEMV_BM, n), torch.float32, x2.device) if split > 1 else out2
+    counters = _split_counters(x2.device, n_tiles) if split > 1 else out2
+    r = xa.shape[1] if xa is not None else 1
+    _gemv_kernel[(n_tiles, split)](
+        x2, q.packed, q.absmax, q.quant_map, _code_table(q.quant_map, x2.dtype), *_nested_args(q),
+        bias if bias is not None else out2, xa if xa is not None else out2, b if b is not None else out2,
+        out2, partial, counters,
+        m, n, k, r, float(scaling), k // 2, k_per_split, k_per_split // 2,
+        x2.stride(0), x2.stride(1), bias.stride(0) if bias is not None else 0,
+        xa.stride(0) if xa is not None else 0, xa.stride(1) if xa is not None else 0,
+        b.stride(0) if b is not None else 0, b.stride(1) if b is not None else 0,
+        out2.stride(0), out2.stride(1),
+        HAS_BIAS=bias is not None, HAS_LORA=xa is not None, BLOCKSIZE=q.blocksize, NESTED=q.nested,
+        NESTED_BS=q.nested_blocksize, ALIGNED=aligned, IEEE=x2.dtype == torch.float32,
+        BM=GEMV_BM, BN=bn, BK=bk, BR=_rank_tile(r), SPLIT_K=split, num_warps=warps, num_stages=1,
+        # the per-element path rounds the weight as bitsandbytes does; the aligned one scales fp32 sums (FMA)
+        enable_fp_fusion=aligned,
+    )  # fmt: skip
+
+
+def _rank_tile(r: int) -> int:
+    """The rank chunk of the LoRA terms: tl.dot needs >= 16 and a power of two; masks cover the rest."""
+    return min(64, max(16, 1 << max(r - 1, 0).bit_length()))
+
+
+def _expand(out2: torch.Tensor, bias: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, stride_rn: int, stride_rr: int,
+            scale: float, mask: torch.Tensor | None = None, seed: torch.Tensor | None = None, p: float = 0.0) -> None:  # fmt: skip
+    """out2 = bias + keep * (scale * left) @ right^T, right [N, R] given by (tensor, stride_rn, stride_rr)."""
+    triton = _triton_module()
+    m, n = out2.shape
+    r = left.shape[1]
+    bm, bn, warps = _INTERPRETER["expand"] if INTERPRET else EXPAND_CONFIGS[_arch(out2.device)]
+    dropout = 1 if mask is not None else 2 if seed is not None else 0
+    _expand_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        out2, bias if bias is not None else out2, left, right, mask if mask is not None else left,
+        seed if seed is not None else left, m, n, r, float(scale), float(p),
+        out2.stride(0), out2.stride(1), bias.stride(0) if bias is not None else 0, left.stride(0), left.stride(1),
+        stride_rn, stride_rr, mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        HAS_BIAS=bias is not None, DROPOUT=dropout, IEEE=out2.dtype == torch.float32, BM=bm, BN=bn, BR=_rank_tile(r),
+        num_warps=warps, num_stages=1, enable_fp_fusion=False,  # one rank chunk: nothing to pipeline
+    )  # fmt: skip
+
+
 def nf4_matmul(
     x: torch.Tensor,
     q: NF4Tensor,
@@ -1201,15 +1526,17 @@ def nf4_matmul(
     lora_xa: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     scaling: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W^T + bias + scaling * lora_xa @ lora_b^T` for x [..., in], W = dequant(q) [out, in].
 
-    W is used in x's dtype, as bitsandbytes hands it to F.linear. `lora_xa` is [..., r] (the rank
-    projection of x; fp32 is fine), `lora_b` [out, r]. The output has x's dtype. M <= 16 rows take
-    the GEMV-like kernel, more rows the tiled GEMM.
+    M <= SMALL_M rows (decoding, evaluation) take the split-K GEMV, which reads the 4-bit weight
+    once. More rows dequantize W once into the reused buffer (`_dequantized`, the compute dtype)
+    and run cuBLAS; with LoRA the rank-r term (and bias) is written first and cuBLAS adds the GEMM
+    onto it. `lora_xa` is [..., r] (the rank projection of x; fp32 is fine), `lora_b` [out, r].
+    Any argument may have any strides; `out` ([..., out], x's dtype) receives the result.
     """
     _check_matmul_inputs(x, q, "nf4_matmul")
-    triton = _triton("nf4_matmul")
     n_out, k = q.shape
     if x.shape[-1] != k:
         raise ValueError(f"kernels.nf4.nf4_matmul: x has {x.shape[-1]} features but the NF4 weight is {list(q.shape)}")
@@ -1218,41 +1545,39 @@ def nf4_matmul(
     if (lora_xa is None) != (lora_b is None):
         raise ValueError("kernels.nf4.nf4_matmul: lora_xa and lora_b go together (both or neither)")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    has_lora = lora_xa is not None
-    if has_lora:
+    xa = None
+    if lora_xa is not None:
         r = lora_xa.shape[-1]
-        xa = lora_xa.reshape(-1, r).contiguous()
+        xa = lora_xa.reshape(-1, r)
         if xa.shape[0] != m or lora_b.shape != (n_out, r):
             raise ValueError(
                 f"kernels.nf4.nf4_matmul: lora_xa {list(lora_xa.shape)} / lora_b {list(lora_b.shape)} do not fit "
                 f"M={m}, out={n_out}; expected lora_xa [..., r] with {m} rows and lora_b [{n_out}, r]"
             )
-        b = lora_b.contiguous()
-    else:
-        r, xa, b = 1, x2, x2
-    out = _new_output((m, n_out), x.dtype, x.device)
+    out2 = _out_2d(out, (*lead, n_out), x.dtype, x.device, "nf4_matmul")
     if m == 0:
-        return out.reshape(*lead, n_out)
-    args = (
-        x2, q.packed, q.absmax, q.quant_map, *_nested_args(q), bias if bias is not None else x2, xa, b, out,
-        m, n_out, k, r, float(scaling), x2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
-    )  # fmt: skip
-    common = {
-        "HAS_BIAS": bias is not None, "HAS_LORA": has_lora, "BLOCKSIZE": q.blocksize, "NESTED": q.nested,
-        "NESTED_BS": q.nested_blocksize, "PAIRED": k % 2 == 0, "BR": _rank_tile(triton, r),
-        "enable_fp_fusion": False,  # the weight's absmax is rebuilt with bitsandbytes' separate roundings
-    }  # fmt: skip
+        return out if out is not None else x.new_zeros((*lead, n_out))
+    _triton("nf4_matmul")
+    if out2 is None and (m <= SMALL_M or xa is not None):
+        out2 = _new_output((m, n_out), x.dtype, x.device)
     if m <= SMALL_M:
-        bm = max(1, triton.next_power_of_2(m))
-        bn, bk = _gemv_tiles(bm)
-        _nf4_gemv_kernel[(triton.cdiv(n_out, bn),)](*args, **common, BM=bm, BN=bn, BK=bk)
+        _gemv(x2, q, bias, xa, lora_b, scaling, out2)
     else:
-        bm, bn, bk = _gemm_tiles()
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)
-        _nf4_gemm_kernel[grid](*args, **common, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M)
-    return out.reshape(*lead, n_out)
+        w = _dequantized(q, x.dtype)
+        if xa is not None:
+            _expand(out2, bias, xa, lora_b, lora_b.stride(0), lora_b.stride(1), scaling)
+            out2.addmm_(x2, w.t())
+        else:
+            b = None if bias is None else bias.to(x.dtype)
+            if out2 is None:
+                out2 = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+            elif b is None:
+                torch.mm(x2, w.t(), out=out2)
+            else:
+                torch.addmm(b, x2, w.t(), out=out2)
+    return out if out is not None else out2.view(*lead, n_out)
 
 
 def nf4_matmul_t(
@@ -1263,52 +1588,61 @@ def nf4_matmul_t(
     lora_a: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`dy @ W` for dy [..., out]: the input gradient of `x @ W^T`, in dy's dtype.
 
-    With `lora_g` [..., r] (fp32, `scaling * dy @ B`) and `lora_a` [r, in] it adds the LoRA part of
-    dX, `keep * (lora_g @ lora_a) / (1 - dropout_p)`, where `keep` is `kernels.lora`'s dropout mask
-    for `seed` (int64, 1 element; needed when dropout_p > 0) over x's 2-D view.
+    W comes from `_dequantized` (the forward's buffer when it still holds this weight) and the
+    product from cuBLAS. With `lora_g` [..., r] (fp32, `scaling * dy @ B`) and `lora_a` [r, in] it
+    adds the LoRA part of dX, `keep * (lora_g @ lora_a) / (1 - dropout_p)`, where `keep` is
+    kernels.lora's dropout mask over x's 2-D view: the packed bytes `mask` [M, >= ceil(in/8)]
+    uint8 when given (bit i of byte b is column 8b + i), else drawn from `seed` (int64, 1 element)
+    element by element. `out` ([..., in], dy's dtype, any strides) receives the result.
     """
     _check_matmul_inputs(dy, q, "nf4_matmul_t")
-    triton = _triton("nf4_matmul_t")
     n_out, k = q.shape
     if dy.shape[-1] != n_out:
         raise ValueError(f"kernels.nf4.nf4_matmul_t: dy has {dy.shape[-1]} features but the NF4 weight is {list(q.shape)}")
     if (lora_g is None) != (lora_a is None):
         raise ValueError("kernels.nf4.nf4_matmul_t: lora_g and lora_a go together (both or neither)")
-    if dropout_p > 0 and seed is None:
-        raise ValueError("kernels.nf4.nf4_matmul_t: dropout_p > 0 needs the seed tensor of the forward's dropout")
     lead = dy.shape[:-1]
-    d = dy.reshape(-1, n_out).contiguous()
-    m = d.shape[0]
-    has_lora = lora_g is not None
-    if has_lora:
+    d2 = dy.reshape(-1, n_out)
+    m = d2.shape[0]
+    g = None
+    if lora_g is not None:
         r = lora_g.shape[-1]
-        g = lora_g.reshape(-1, r).contiguous()
-        a = lora_a.contiguous()
-        if g.shape[0] != m or a.shape != (r, k):
+        g = lora_g.reshape(-1, r)
+        if g.shape[0] != m or lora_a.shape != (r, k):
             raise ValueError(
                 f"kernels.nf4.nf4_matmul_t: lora_g {list(lora_g.shape)} / lora_a {list(lora_a.shape)} do not fit "
                 f"M={m}, in={k}; expected lora_g [..., r] with {m} rows and lora_a [r, {k}]"
             )
-    else:
-        r, g, a = 1, d, d
-    dropout = has_lora and dropout_p > 0
-    out = _new_output((m, k), dy.dtype, dy.device)
+    dropout = g is not None and dropout_p > 0
+    if dropout and mask is None and seed is None:
+        raise ValueError("kernels.nf4.nf4_matmul_t: dropout_p > 0 needs the forward's packed mask (mask=) or its seed (seed=)")
+    if dropout and mask is not None and (mask.dtype != torch.uint8 or mask.dim() != 2 or mask.shape[0] != m or mask.shape[1] * 8 < k):
+        raise ValueError(
+            f"kernels.nf4.nf4_matmul_t: mask must be the packed uint8 keep-mask [{m}, >= {-(k // -8)}] of x's 2-D view, "
+            f"got {mask.dtype} {list(mask.shape)}"
+        )
+    out2 = _out_2d(out, (*lead, k), dy.dtype, dy.device, "nf4_matmul_t")
     if m == 0:
-        return out.reshape(*lead, k)
-    bm, bn, bk = _gemm_tiles()
-    if not INTERPRET and m <= SMALL_M:
-        bm = 16
-    _nf4_gemm_t_kernel[(triton.cdiv(m, bm) * triton.cdiv(k, bk),)](
-        d, q.packed, q.absmax, q.quant_map, *_nested_args(q), g, a, seed if dropout else d, out,
-        m, n_out, k, r, d.stride(0), g.stride(0), a.stride(0), out.stride(0), 1.0 / (1.0 - dropout_p), float(dropout_p),
-        BLOCKSIZE=q.blocksize, NESTED=q.nested, NESTED_BS=q.nested_blocksize, PAIRED=k % 2 == 0,
-        HAS_LORA=has_lora, DROPOUT=dropout, IEEE=dy.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, BR=_rank_tile(triton, r), GROUP_M=GROUP_M, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out.reshape(*lead, k)
+        return out if out is not None else dy.new_zeros((*lead, k))
+    _triton("nf4_matmul_t")
+    if out2 is None and g is not None:
+        out2 = _new_output((m, k), dy.dtype, dy.device)
+    w = _dequantized(q, dy.dtype)
+    if g is not None:
+        # A [r, in] seen as [in, r] through strides
+        _expand(out2, None, g, lora_a, lora_a.stride(1), lora_a.stride(0), 1.0 / (1.0 - dropout_p),
+                mask if dropout else None, seed if dropout and mask is None else None, dropout_p)  # fmt: skip
+        out2.addmm_(d2, w)
+    elif out2 is None:
+        out2 = torch.mm(d2, w)
+    else:
+        torch.mm(d2, w, out=out2)
+    return out if out is not None else out2.view(*lead, k)
 
 
 # --- torch.library ops and autograd -------------------------------------------------------------
@@ -1365,15 +1699,15 @@ def _matmul_t_op(
     dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, offset: torch.Tensor | None,
     nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, shape: list[int], blocksize: int,
     nested_blocksize: int, dtype: torch.dtype, lora_g: torch.Tensor | None, lora_a: torch.Tensor | None,
-    seed: torch.Tensor | None, dropout_p: float,
+    seed: torch.Tensor | None, dropout_p: float, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     q = _rebuild(packed, absmax, quant_map, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, dtype)
-    return nf4_matmul_t(dy, q, lora_g=lora_g, lora_a=lora_a, seed=seed, dropout_p=dropout_p)
+    return nf4_matmul_t(dy, q, lora_g=lora_g, lora_a=lora_a, seed=seed, dropout_p=dropout_p, mask=mask)
 
 
 @_matmul_t_op.register_fake
 def _(dy, packed, absmax, quant_map, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, dtype,
-      lora_g, lora_a, seed, dropout_p):  # fmt: skip
+      lora_g, lora_a, seed, dropout_p, mask=None):  # fmt: skip
     return dy.new_empty((*dy.shape[:-1], shape[1]))
 
 
@@ -1389,10 +1723,15 @@ def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
     need = ctx.needs_input_grad
     *weight, lora_xa, lora_b = ctx.saved_tensors
     dx = torch.ops.pefomed.nf4_matmul_t(dy, *weight, *ctx.layout, None, None, None, 0.0) if need[0] else None
-    dy2 = dy.reshape(-1, dy.shape[-1]).float()
-    dbias = dy2.sum(0).to(ctx.bias_dtype) if need[11] else None
-    d_xa = (ctx.scaling * dy2 @ lora_b.float()).to(lora_xa.dtype).reshape(lora_xa.shape) if need[12] else None
-    d_b = (ctx.scaling * dy2.t() @ lora_xa.reshape(-1, lora_xa.shape[-1]).float()).to(lora_b.dtype) if need[13] else None
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need[11] else None
+    d_xa = d_b = None
+    if need[12] or need[13]:
+        dy32 = dy2.float()
+        if need[12]:
+            d_xa = (ctx.scaling * dy32 @ lora_b.float()).to(lora_xa.dtype).reshape(lora_xa.shape)
+        if need[13]:
+            d_b = (ctx.scaling * dy32.t() @ lora_xa.reshape(-1, lora_xa.shape[-1]).float()).to(lora_b.dtype)
     return (dx, *([None] * 10), dbias, d_xa, d_b, None)
 
 
@@ -1418,3 +1757,179 @@ def nf4_dequantize(q: NF4Tensor, out_dtype: torch.dtype | None = None) -> torch.
     """`dequantize_nf4` as a custom op: opaque to torch.compile, which traces it without a graph break."""
     _check_nf4(q, "nf4_dequantize")
     return torch.ops.pefomed.nf4_dequantize(*nf4_op_args(q), out_dtype or q.dtype)
+
+
+# --- the compile gate (bench/static.py) ----------------------------------------------------------
+
+
+def STATIC_CASES() -> list:
+    """Every kernel as the launchers above compile it, at LLaMA-7B shapes with the engine's dtypes
+    (bf16 activations, fp32 xa / g, uint8 NF4 codes with double quantization)."""
+    from pefomed.bench.static import Ptr, StaticCase
+
+    triton = _triton_module()
+    bf16, f32, u8, i64 = torch.bfloat16, torch.float32, torch.uint8, torch.int64
+    m, n, k, r = 8192, 4096, 4096, 64
+    quant = {"packed": Ptr(u8), "absmax": Ptr(u8), "quant_map": Ptr(f32), "nested_code": Ptr(f32),
+             "nested_absmax": Ptr(f32), "offset": Ptr(f32)}  # fmt: skip
+    nested = {"BLOCKSIZE": 64, "NESTED": True, "NESTED_BS": 256}
+    groups, warps = DEQUANT_CONFIG
+    cases = [
+        StaticCase(
+            name=f"nf4.dequant.{name}",
+            kernel=lambda: _dequant_kernel,
+            args={**quant, "absmax": Ptr(u8 if is_nested else f32), "out": Ptr(dtype), "n_bytes": n * k // 2, "n": n * k,
+                  "BLOCKSIZE": 64, "NESTED": is_nested, "NESTED_BS": 256, "enable_fp_fusion": False},  # fmt: skip
+            configs=[triton.Config({"GROUPS": groups}, num_warps=warps, num_stages=1)],
+            streaming=True,
+        )
+        for name, dtype, is_nested in (("bf16", bf16, True), ("fp16.plain", torch.float16, False))
+    ]
+
+    def gemv_configs(arch: int, aligned: bool = True) -> list:
+        tiles = GEMV_CONFIGS[arch] if aligned else [GEMV_UNALIGNED_CONFIG]
+        return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1) for bn, bk, w in tiles]
+
+    lora = {"xa": Ptr(f32), "lora_b": Ptr(bf16), "R": r, "stride_am": r, "stride_ar": 1, "stride_bn": r, "stride_br": 1, "BR": r}
+    no_lora = {"xa": Ptr(bf16), "lora_b": Ptr(bf16), "R": 1, "stride_am": 0, "stride_ar": 0, "stride_bn": 0, "stride_br": 0, "BR": 16}
+    for name, rows, cols, extra, split, aligned, streaming in (
+        ("m1", 1, k, no_lora, 16, True, True),
+        ("m16.lora.bias", 16, k, lora, 16, True, True),
+        ("m16.down_proj", 16, 11008, no_lora, 16, True, True),
+        ("m4.unaligned", 4, 4000, no_lora, 8, False, False),  # blocks straddle rows: per-element path
+    ):
+        k_split = _cdiv(_cdiv(cols, split), 64) * 64  # as _gemv_split rounds it
+        cases.append(
+            StaticCase(
+                name=f"nf4.gemv.{name}",
+                kernel=lambda: _gemv_kernel,
+                args={
+                    "x": Ptr(bf16), **quant, "table": Ptr(bf16), "bias": Ptr(bf16), **extra, "out": Ptr(bf16),
+                    "partial": Ptr(f32), "counters": Ptr(torch.int32),
+                    "M": rows, "N": n, "K": cols, "scaling": 0.25, "row_bytes": cols // 2,
+                    "k_per_split": k_split, "split_bytes": k_split // 2,
+                    "stride_xm": cols, "stride_xk": 1, "stride_bias": 1, "stride_om": n, "stride_on": 1,
+                    "HAS_BIAS": name.endswith("bias"), "HAS_LORA": extra is lora, **nested, "ALIGNED": aligned,
+                    "IEEE": False, "BM": GEMV_BM, "SPLIT_K": split, "enable_fp_fusion": aligned,
+                },
+                configs=functools.partial(gemv_configs, aligned=aligned),
+                mma="bf16",
+                streaming=streaming,
+            )
+        )  # fmt: skip
+    bm, bn, warps = EXPAND_CONFIGS[90]
+    for name, dropout, cols, left_stride, right_strides in (
+        ("fwd.bias", 0, n, r, (r, 1)),  # y = bias + xa B^T, B [out, r]
+        ("dx.mask", 1, k, r, (1, k)),  # dX term: keep * (g A) / (1-p), A [r, in] seen as [in, r]
+        ("dx.seed", 2, k, r, (1, k)),
+    ):
+        cases.append(
+            StaticCase(
+                name=f"nf4.expand.{name}",
+                kernel=lambda: _expand_kernel,
+                args={
+                    "out": Ptr(bf16), "bias": Ptr(bf16), "left": Ptr(f32), "right": Ptr(bf16), "mask": Ptr(u8),
+                    "seed": Ptr(i64), "M": m, "N": cols, "R": r, "scale": 1.0 / 0.95, "p": 0.05,
+                    "stride_om": cols, "stride_on": 1, "stride_bias": 1, "stride_lm": left_stride, "stride_lr": 1,
+                    "stride_rn": right_strides[0], "stride_rr": right_strides[1], "stride_mm": -(-cols // 128) * 16, "stride_mb": 1,
+                    "HAS_BIAS": dropout == 0, "DROPOUT": dropout, "IEEE": False, "BR": r, "enable_fp_fusion": False,
+                },
+                configs=lambda arch: [triton.Config({"BM": EXPAND_CONFIGS[arch][0], "BN": EXPAND_CONFIGS[arch][1]},
+                                                    num_warps=EXPAND_CONFIGS[arch][2], num_stages=1)],  # fmt: skip
+                mma="bf16",
+            )
+        )  # fmt: skip
+    return cases
+
+
+# --- `python -m pefomed.kernels.nf4`: what the GPU runs per weight, from the compiled SASS ---------
+
+
+def sass_report(arch: int = 80, only: str = "") -> list[dict[str, Any]]:
+    """Per STATIC_CASES entry (first config of `arch`): registers, shared memory and the SASS
+    instructions per value a thread handles: in the GEMV's K loop (per weight value of one
+    iteration), in the whole dequantization kernel (per weight value), in the whole expansion
+    kernel (per output value). Needs Triton's nvdisasm, not a GPU."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    from pefomed.bench.static import _prepare, _run_ptxas, case_configs, parse_ptxas
+
+    triton = _triton_module()
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    rows = []
+    for case in STATIC_CASES():
+        if only not in case.name:
+            continue
+        cfg = case_configs(case, arch)[0]
+        _fn, target, src, options, _key = _prepare(case, cfg, arch)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        labels, pending, code = {}, [], []
+        for line in sass.splitlines():
+            line = line.strip()
+            if m := re.match(r"(\.L_x_\d+):", line):
+                pending.append(m.group(1))
+            elif m := re.match(r"/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line):
+                addr = int(m.group(1), 16)
+                labels.update(dict.fromkeys(pending, addr))
+                pending = []
+                code.append((addr, re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).split()[0]))
+        back = []
+        for line in sass.splitlines():
+            if m := re.search(r"/\*([0-9a-f]+)\*/.*BRA\s+`?\(?(\.L_x_\d+)", line):
+                target_addr = labels.get(m.group(2))
+                if target_addr is not None and target_addr < int(m.group(1), 16):
+                    back.append((target_addr, int(m.group(1), 16)))
+        # the GEMV's per-weight work is its K loop; the expansion's loop is over rank chunks (one at
+        # r <= 64), so it and the dequantization count their whole kernel
+        back = back if "gemv" in case.name else []
+        lo, hi = min(back, key=lambda span: span[1] - span[0]) if back else (0, code[-1][0])
+        hist = collections.Counter(op for addr, op in code if lo <= addr <= hi)
+        meta = {**case.args, **cfg.all_kwargs()}
+        threads = 32 * cfg.num_warps
+        if "GROUPS" in meta:
+            values = 32 * meta["GROUPS"] / threads
+        elif "BK" in meta:
+            values = meta["BN"] * min(meta["BK"], meta["BLOCKSIZE"]) / threads
+        else:
+            values = meta["BM"] * meta["BN"] / threads  # outputs written, for the expansion
+        ptxas = parse_ptxas(_run_ptxas(compiled.asm["ptx"], arch))
+        rows.append({
+            "case": case.name, "config": str(cfg.all_kwargs()), "regs": ptxas["regs"],
+            "smem": int(compiled.metadata.shared) + ptxas["smem_static"], "loop": "yes" if back else "whole kernel",
+            "instructions": sum(hist.values()), "values_per_thread": values,
+            "per_value": round(sum(hist.values()) / values, 2),
+            "top": dict(hist.most_common(8)),
+        })  # fmt: skip
+    return rows
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import subprocess
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pefomed.kernels.nf4", description=sass_report.__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=80, choices=(80, 86, 90))
+    parser.add_argument("--only", default="", help="cases whose name contains this")
+    args = parser.parse_args(argv)
+    if INTERPRET:  # the interpreter replaces the kernels this compiles
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "pefomed.kernels.nf4", *(argv or sys.argv[1:])], env=env)
+    for row in sass_report(args.arch, args.only):
+        print(
+            f"{row['case']:<26} sm_{args.arch} regs {row['regs']:>3} smem {row['smem'] / 1024:5.1f} KB  "
+            f"{row['loop']:<12} {row['instructions']:>4} SASS for {row['values_per_thread']:g} values/thread "
+            f"= {row['per_value']:5.2f}/value  {row['top']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,12 +1,13 @@
-"""NF4 format and Triton kernels against bitsandbytes 0.50 (the format oracle) and float64 references.
+"""NF4 format and the dequantization kernel against bitsandbytes 0.50 (the format oracle) and the
+format's definition; the matmul kernels are in test_nf4_kernels.py.
 
 Only the tests that compare with bitsandbytes skip without it; the others check the codes against
-the format's definition (`reference_dequantize`, float64 with bitsandbytes' fp32 roundings) and
-the kernels against float64 matmuls. Kernels run on the GPU when there is one (the inputs are
-moved there) and in the Triton interpreter otherwise. Every buffer the launchers allocate is
-poisoned with NaN, so an element a kernel forgets to write fails the comparison. The shapes are
-not multiples of the tiles, and the flattened weights have 64-blocks that straddle rows, tail
-blocks shorter than 64 and nested 256-blocks cut short.
+the format's definition (`reference_dequantize`, float64 with bitsandbytes' fp32 roundings). The
+kernel runs on the GPU when there is one (the inputs are moved there) and in the Triton
+interpreter otherwise, with the GPU's round-to-nearest-even bf16 casts (tests/kernels/conftest.py).
+Every buffer the launchers allocate is poisoned with NaN, so an element a kernel forgets to write
+fails the comparison. The shapes are not multiples of the tiles, and the flattened weights have
+64-blocks that straddle rows, tail blocks shorter than 64 and nested 256-blocks cut short.
 """
 
 import copy
@@ -22,9 +23,6 @@ from pefomed.kernels.nf4 import (
     dynamic_map_signed,
     nf4_dequantize,
     nf4_linear,
-    nf4_matmul,
-    nf4_matmul_t,
-    nf4_op_args,
     to_nf4,
 )
 
@@ -134,6 +132,13 @@ def test_dequantize_is_bit_identical_to_bitsandbytes(shape, nested, out_dtype):
     for got in (dequantize_nf4(on_device, out_dtype), nf4_dequantize(on_device, out_dtype)):
         assert got.dtype == expected.dtype == out_dtype and got.shape == expected.shape
         assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True])
+def test_bf16_dequantize_on_gpu_matches_the_definition(nested):
+    q = to_nf4(torch.randn(130, 257, dtype=torch.bfloat16), double_quant=nested)
+    assert torch.equal(dequantize_nf4(q.to("cuda")).cpu(), reference_dequantize(q).to(torch.bfloat16))
 
 
 # --- format: its definition (no bitsandbytes needed) --------------------------------------------
@@ -284,199 +289,3 @@ def test_state_dict_errors_name_the_problem():
         to_nf4(torch.randn(8, 64), blocksize=48)
     with pytest.raises(TypeError, match="float64"):
         to_nf4(torch.randn(8, 64, dtype=torch.float64))
-
-
-# --- fused dequant + matmul ---------------------------------------------------------------------
-
-# fp32: exact products, fp32 sums (a wrong block scale or nibble gives > 1e-2); fp16: the output
-# rounding (2^-11 relative) dominates.
-TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def check_linear(m, n, k, dtype, nested, bias=True, lead=()):
-    q = to_nf4(torch.randn(n, k), double_quant=nested)
-    w64 = reference_dequantize(q).to(dtype).double().to(DEVICE)  # the weight in the compute dtype, as bitsandbytes uses it
-    q = q.to(DEVICE)
-    x = torch.randn(*lead, m, k, dtype=dtype, device=DEVICE, requires_grad=True)
-    b = torch.randn(n, dtype=dtype, device=DEVICE, requires_grad=True) if bias else None
-    y = nf4_linear(x, q, b)
-    ref = x.detach().double() @ w64.T + (b.detach().double() if bias else 0.0)
-    assert y.shape == (*lead, m, n) and y.dtype == dtype
-    assert rel(y, ref) < TOLERANCE[dtype]
-    g = torch.randn(*lead, m, n, dtype=torch.float64, device=DEVICE)
-    y.backward(g.to(dtype))
-    assert x.grad.dtype == dtype and rel(x.grad, g @ w64) < TOLERANCE[dtype]
-    if bias:
-        assert rel(b.grad, g.reshape(-1, n).sum(0)) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("m", [1, 5, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nf4_linear_forward_and_grads(m, dtype):
-    check_linear(m, 72, 136, dtype, nested=m != 5)
-
-
-@pytest.mark.parametrize("path", ["gemv", "gemm"])
-def test_both_paths_at_the_same_shape(monkeypatch, path):
-    monkeypatch.setattr(nf4, "SMALL_M", 16 if path == "gemv" else 0)
-    check_linear(5, 72, 136, torch.float32, nested=True)
-
-
-@pytest.mark.parametrize("m", [3, 40])
-def test_odd_row_length_and_no_bias(m):
-    # K = 27: bytes straddle rows, so the tile loader takes its per-element branch
-    check_linear(m, 24, 27, torch.float32, nested=True, bias=False)
-
-
-def test_grouped_tile_order_over_several_groups():
-    check_linear(100, 40, 48, torch.float32, nested=False, lead=())
-
-
-def test_batched_input():
-    check_linear(7, 24, 64, torch.float32, nested=True, lead=(2,))
-
-
-def test_small_m_bf16_forward_on_the_gemv_path():
-    # the GEMV path has no tl.dot, so the interpreter runs bf16 correctly
-    q = to_nf4(torch.randn(40, 136))
-    x = torch.randn(3, 136, dtype=torch.bfloat16)
-    ref = x.double() @ reference_dequantize(q).to(torch.bfloat16).double().T
-    assert rel(nf4_matmul(x.to(DEVICE), q.to(DEVICE)), ref) < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 33, 300])
-def test_nf4_linear_bf16(m):
-    check_linear(m, 72, 136, torch.bfloat16, nested=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("nested", [False, True])
-def test_bf16_dequantize_on_gpu_matches_the_definition(nested):
-    q = to_nf4(torch.randn(130, 257, dtype=torch.bfloat16), double_quant=nested)
-    assert torch.equal(dequantize_nf4(q.to("cuda")).cpu(), reference_dequantize(q).to(torch.bfloat16))
-
-
-@pytest.mark.parametrize("m, r", [(3, 5), (33, 5), (33, 70)])
-def test_lora_epilogue(m, r):
-    n, k = 40, 70
-    q = to_nf4(torch.randn(n, k))
-    x, xa, b, bias = (torch.randn(shape, device=DEVICE) for shape in ((m, k), (m, r), (n, r), (n,)))
-    y = nf4_matmul(x, q.to(DEVICE), bias, lora_xa=xa, lora_b=b, scaling=0.5)
-    w = reference_dequantize(q).to(DEVICE)
-    ref = x.double() @ w.T + bias.double() + 0.5 * xa.double() @ b.double().T
-    assert rel(y, ref) < 1e-6
-
-
-@pytest.mark.parametrize("m, k, p", [(5, 70, 0.0), (37, 70, 0.3), (33, 27, 0.5)])
-def test_matmul_t_lora_epilogue_with_the_dropout_mask(m, k, p):
-    from pefomed.kernels.lora import dropout_mask
-
-    n, r, seed = 40, 6, 17
-    q = to_nf4(torch.randn(n, k))
-    dy, g, a = (torch.randn(shape, device=DEVICE) for shape in ((m, n), (m, r), (r, k)))
-    seed_t = torch.tensor([seed], device=DEVICE)
-    dx = nf4_matmul_t(dy, q.to(DEVICE), lora_g=g, lora_a=a, seed=seed_t, dropout_p=p)
-    keep = dropout_mask(seed, (m, k), p, device=DEVICE).double() if p > 0 else 1.0
-    ref = dy.double() @ reference_dequantize(q).to(DEVICE) + keep * (g.double() @ a.double()) / (1 - p)
-    assert rel(dx, ref) < 1e-6
-
-
-def test_qlora_through_lora_linear():
-    from pefomed.kernels.lora import lora_linear
-
-    m, n, k, r = 7, 40, 70, 4
-    q = to_nf4(torch.randn(n, k))
-    x = torch.randn(m, k, device=DEVICE, requires_grad=True)
-    a = (torch.randn(r, k, device=DEVICE) * 0.1).requires_grad_()
-    b = (torch.randn(n, r, device=DEVICE) * 0.1).requires_grad_()
-    y = lora_linear(x, q.to(DEVICE), a, b, 2.0)
-    w = reference_dequantize(q).to(DEVICE)
-    xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a, b))
-    ref = xd @ w.T + 2.0 * (xd @ ad.T) @ bd.T
-    assert rel(y, ref.detach()) < 1e-5
-    g = torch.randn(m, n, dtype=torch.float64, device=DEVICE)
-    y.backward(g.float())
-    ref.backward(g)
-    for ours, theirs in ((x, xd), (a, ad), (b, bd)):
-        assert rel(ours.grad, theirs.grad) < 1e-5
-
-
-def test_input_errors_and_the_plain_cpu_fallback(monkeypatch):
-    q = to_nf4(torch.randn(24, 40)).to(DEVICE)
-    with pytest.raises(ValueError, match="x has 41 features"):
-        nf4_matmul(torch.randn(2, 41, device=DEVICE), q)
-    with pytest.raises(ValueError, match="lora_xa and lora_b go together"):
-        nf4_matmul(torch.randn(2, 40, device=DEVICE), q, lora_xa=torch.randn(2, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="bias has shape"):
-        nf4_matmul(torch.randn(2, 40, device=DEVICE), q, torch.randn(23, device=DEVICE))
-    with pytest.raises(ValueError, match="needs the seed"):
-        nf4_matmul_t(torch.randn(2, 24, device=DEVICE), q, lora_g=torch.randn(2, 3, device=DEVICE),
-                     lora_a=torch.randn(3, 40, device=DEVICE), dropout_p=0.1)  # fmt: skip
-    with pytest.raises(ValueError, match="not a transposed|2-D \\[out, in\\] weight"):
-        nf4_matmul(torch.randn(2, 24, device=DEVICE), q.t())
-    with pytest.raises(TypeError, match="expected an NF4Tensor"):
-        nf4_linear(torch.randn(2, 40), torch.randn(24, 40))
-    monkeypatch.setattr(nf4, "INTERPRET", False)  # a CPU without the interpreter: no Triton there
-    cpu_q = q.cpu()
-    with pytest.raises(RuntimeError, match="kernels: torch"):
-        nf4_matmul(torch.randn(2, 40), cpu_q)
-    assert torch.equal(dequantize_nf4(cpu_q).double(), reference_dequantize(cpu_q))
-
-
-# --- torch.compile ----------------------------------------------------------------------------
-
-
-def test_torch_compile_traces_the_ops_without_graph_breaks():
-    q = to_nf4(torch.randn(24, 40)).to(DEVICE)
-    bias = torch.randn(24, device=DEVICE, requires_grad=True)
-
-    def step(x):
-        y = nf4_linear(x, q, bias)
-        return (y * nf4_dequantize(q, torch.float32).sum(1)).sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 40, device=DEVICE, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    compiled(x).backward()
-    grad_bias = bias.grad.clone()
-    bias.grad = None
-    step(x_ref).backward()
-    w = reference_dequantize(q).to(DEVICE)
-    ref = x.detach().double() @ w.T + bias.detach().double()
-    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(grad_bias, bias.grad, rtol=1e-6, atol=1e-6)
-    assert rel(x.grad, w.sum(1).expand(3, -1) @ w) < 1e-6
-    assert abs(compiled(x).detach().item() - (ref * w.sum(1)).sum().item()) < 1e-3
-
-
-def test_custom_ops_pass_opcheck():
-    q = to_nf4(torch.randn(24, 40)).to(DEVICE)
-    args = nf4_op_args(q)
-    x = torch.randn(3, 40, device=DEVICE, requires_grad=True)
-    xa = torch.randn(3, 5, device=DEVICE, requires_grad=True)
-    b = torch.randn(24, 5, device=DEVICE, requires_grad=True)
-    bias = torch.randn(24, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.pefomed.nf4_linear.default, (x, *args, bias, None, None, 1.0))
-    torch.library.opcheck(torch.ops.pefomed.nf4_linear.default, (x, *args, bias, xa, b, 0.5))
-    torch.library.opcheck(torch.ops.pefomed.nf4_dequantize.default, (*args, torch.float16))
-    seed = torch.tensor([3], device=DEVICE)
-    dy, g, a = torch.randn(3, 24, device=DEVICE), torch.randn(3, 5, device=DEVICE), torch.randn(5, 40, device=DEVICE)
-    torch.library.opcheck(torch.ops.pefomed.nf4_matmul_t.default, (dy, *args, None, None, None, 0.0))
-    torch.library.opcheck(torch.ops.pefomed.nf4_matmul_t.default, (dy, *args, g, a, seed, 0.25))
-
-
-def test_nf4_linear_grads_reach_the_lora_operands():
-    """pefomed::nf4_linear is differentiable in all its float inputs, the LoRA operands included."""
-    n, k, m, r = 24, 40, 6, 5
-    q = to_nf4(torch.randn(n, k))
-    x, xa, b = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((m, k), (m, r), (n, r)))
-    y = nf4_linear(x, q.to(DEVICE), lora_xa=xa, lora_b=b, scaling=0.7)
-    leaves = [t.detach().double().requires_grad_() for t in (x, xa, b)]
-    ref = leaves[0] @ reference_dequantize(q).to(DEVICE).T + 0.7 * leaves[1] @ leaves[2].T
-    g = torch.randn(m, n, dtype=torch.float64, device=DEVICE)
-    y.backward(g.float())
-    ref.backward(g)
-    assert rel(y, ref.detach()) < 1e-6
-    for ours, theirs in zip((x, xa, b), leaves):
-        assert rel(ours.grad, theirs.grad) < 1e-6
