@@ -78,3 +78,20 @@ def test_a_checkpoint_folder_is_a_valid_start(tmp_path):
         assert torch.equal(params["llm." + key.removeprefix("base_model.model.")], value), key
     for key, value in projection.items():
         assert torch.equal(params["connector." + key], value), key
+
+
+@pytest.mark.parametrize("name", ["pefomed_stage1.yaml", "pefomed_stage2_vqa.yaml", "pefomed_stage2_reports.yaml"])
+def test_stage_configs_build_at_full_size_with_the_papers_trainable_count(name):
+    """EVA ViT-g/14 at 448 px + grouped projection + LLaMA-2-7b-chat with LoRA r=64 on q,v, built on
+    meta from the stage config itself: 23,072,768 + 33,554,432 = 56,627,200 trainable (the paper's 56.63M)."""
+    full_size = ["model.random_init=true", "model.llm=llama2-7b-chat", "model.vision_checkpoint=null",
+                 "model.projection_checkpoint=null", "model.adapter_checkpoint=null", "train.device=cpu"]
+    model = build_model(load_config(f"configs/{name}", full_size), "meta")
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    projection = sum(v for n, v in trainable.items() if n.startswith("connector."))
+    lora = sum(v for n, v in trainable.items() if ".lora_" in n)
+    assert projection == 5632 * 4096 + 4096 == 23_072_768
+    assert lora == 32 * 2 * (64 * 4096 + 4096 * 64) == 33_554_432
+    assert sum(trainable.values()) == projection + lora == 56_627_200
+    vit_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("vit."))
+    assert vit_params > 900_000_000  # EVA ViT-g/14 (39 of its 40 blocks, as MiniGPT-v2 uses), frozen
