@@ -12,7 +12,9 @@ implementation at call time.
   where Triton is not installed or has no driver; an NF4 weight goes through `F.linear` as a
   tensor subclass.
 - `triton`: the fused kernels (`kernels.lora.lora_linear`, `kernels.nf4.nf4_linear`, and the
-  `pefomed::grouped_projection` ops through `kernels.visual_proj.grouped_projection`).
+  `pefomed::grouped_projection` ops through `kernels.visual_proj.grouped_projection`), and the
+  LLM's RMSNorm, SwiGLU and RoPE (`kernels.rms_norm.rms_norm`, `kernels.swiglu.swiglu`,
+  `kernels.rope.rope`, the `LlamaOps` signatures).
 
 The frozen full-precision linears are plain `nn.Linear` on both paths (cuBLAS; nothing to fuse).
 """
@@ -43,6 +45,12 @@ class KernelOps:
     nf4_linear: Callable[..., torch.Tensor]
     # (feats, weight, bias, group, layout, drop_cls, out=None, row_index=None) -> y
     grouped_projection: Callable[..., torch.Tensor]
+    # The LLM's elementwise ops (models.llama.LlamaOps), each saving only its inputs for backward:
+    # (x, weight, eps) -> y; (gate, up) -> silu(gate) * up; (q, k, cos, sin) -> (q, k) rotated.
+    # None: the model's default, its lean PyTorch autograd (models.llama.rms_norm, ...).
+    rms_norm: Callable[..., torch.Tensor] | None = None
+    swiglu: Callable[..., torch.Tensor] | None = None
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def torch_ops() -> KernelOps:
@@ -54,9 +62,12 @@ def torch_ops() -> KernelOps:
 def triton_ops() -> KernelOps:
     from pefomed.kernels.lora import lora_linear
     from pefomed.kernels.nf4 import nf4_linear
+    from pefomed.kernels.rms_norm import rms_norm
+    from pefomed.kernels.rope import rope
+    from pefomed.kernels.swiglu import swiglu
     from pefomed.kernels.visual_proj import grouped_projection
 
-    return KernelOps("triton", lora_linear, nf4_linear, grouped_projection)
+    return KernelOps("triton", lora_linear, nf4_linear, grouped_projection, rms_norm=rms_norm, swiglu=swiglu, rope=rope)
 
 
 def kernel_ops(kernels: str, device: torch.device | str = "cpu") -> KernelOps:
