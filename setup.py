@@ -50,10 +50,12 @@ setup(
             "pycocoevalcap>=1.2",
             "bitsandbytes>=0.45",
             "openai>=1.40",
+            "gguf>=0.10",
         ],
         "deepspeed": ["deepspeed>=0.15"],
         "quant": ["bitsandbytes>=0.45"],
         "judge": ["openai>=1.40"],
+        "fetch": ["gguf>=0.10"],
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.27"],
     },
 )

@@ -6,6 +6,12 @@
     pefomed score --predictions preds.jsonl --out scores/
     pefomed ask   --checkpoint runs/x --image scan.png --question "is there an effusion?"
     pefomed bench kernels [--smoke]
+    pefomed bench static [--arch 80,86,90] [--only nf4]
+    pefomed bench step [--ac both] [--layers N]
+    pefomed bench memory --config X [--strategy S --gpus N --gpu-mem 40GB]
+    pefomed fetch smollm2 [--out data/smollm2-135m-instruct]
+    pefomed export  --checkpoint runs/x/checkpoints/step_N --out DIR [--merge]
+    pefomed convert --checkpoint pefomed.pth --config configs/pefomed_stage2_vqa.yaml --out DIR
 
 Each command is also a module: `python -m pefomed.evaluate.score` is `pefomed score`.
 `--debug` after any command shows the traceback of a user error instead of one line.
@@ -26,10 +32,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pefomed.evaluate.run", "generate answers with a checkpoint and score them"),
     "score": ("pefomed.evaluate.score", "score a predictions file as the papers do"),
     "ask": ("pefomed.evaluate.ask", "ask one question about one image"),
+    "fetch": ("pefomed.engine.fetch", "download and convert a small pretrained model (smollm2) for offline use"),
+    "export": ("pefomed.engine.export", "a checkpoint as a Hugging Face folder (LoRA merged, or a PEFT adapter)"),
+    "convert": ("pefomed.engine.published", "a released MiniGPT-v2 / PeFoMed .pth as a pefomed checkpoint folder"),
 }
 # `pefomed bench <suite>`
 BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("pefomed.bench.kernels", "Triton kernels against their baselines"),
+    "static": ("pefomed.bench.static", "kernels compiled for sm_80/86/90a on the CPU: spills, smem, MMA, loads"),
+    "step": ("pefomed.bench.step", "one training step, ours against HF+PEFT"),
+    "memory": ("pefomed.bench.memory", "where a run's memory goes, per GPU and strategy; does it fit"),
 }
 
 
