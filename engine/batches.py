@@ -1,9 +1,12 @@
 """Micro-batches for one rank, in a deterministic order that a resumed run continues exactly.
 
-The global order of an epoch is a permutation seeded by (seed, epoch). Rank r takes every
-world_size-th sample of it, starting at r, so the samples of one optimizer step across all
-ranks are the same set as a single process with `grad_accum * world_size` micro-steps would
-see: that is what lets a 2-process FSDP2 run reproduce the single-process loss curve.
+The global order is one endless stream, the same at every world size: epoch e is a permutation
+of the dataset seeded by (seed, e), and the epochs follow one another with nothing dropped. Rank
+r of W takes the stream's samples r, r + W, r + 2W, ..., so the samples of one optimizer step
+across all ranks are the same set as a single process with `grad_accum * world_size`
+micro-steps would see: that is what lets a 2-process FSDP2 run reproduce the single-process loss
+curve, and what lets a checkpoint taken at one world size resume at another
+(`reshard_positions`).
 
 `position` counts the samples this rank has taken from that stream; it is all a resumed run
 needs (`skip_to`). A micro-batch whose samples were unreadable is refilled from the following
@@ -81,7 +84,6 @@ class MicroBatches:
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        self.per_rank = len(dataset) // world_size  # the tail that does not split evenly is dropped
         self.position = 0  # samples drawn by this rank since training started
 
     def skip_to(self, position: int) -> None:
@@ -90,7 +92,7 @@ class MicroBatches:
     def index_at(self, position: int, order_cache: dict[int, torch.Tensor] | None = None) -> int:
         """The dataset index that this rank draws at `position` (pass a dict to reuse the epoch's order)."""
         order_cache = {} if order_cache is None else order_cache
-        epoch, offset = divmod(position, self.per_rank)
+        epoch, offset = divmod(position * self.world_size + self.rank, len(self.dataset))
         if epoch not in order_cache:
             order_cache.clear()
             if self.shuffle:
@@ -98,7 +100,7 @@ class MicroBatches:
                 order_cache[epoch] = torch.randperm(len(self.dataset), generator=g)
             else:
                 order_cache[epoch] = torch.arange(len(self.dataset))
-        return int(order_cache[epoch][offset * self.world_size + self.rank])
+        return int(order_cache[epoch][offset])
 
     def _items(self, start: int) -> Iterator[dict]:
         """The dataset's items at positions start, start + 1, ... in order."""
@@ -140,3 +142,30 @@ class MicroBatches:
                 yield batch
         finally:
             items.close()  # stops the DataLoader's workers
+
+
+class CannotReshard(UserError, ValueError):
+    """Saved data positions that cannot be split over another world size without changing the order."""
+
+
+def reshard_positions(positions: list[int], world_size: int) -> list[int]:
+    """Each new rank's position in the same global stream, for a run resumed at `world_size`.
+
+    The saved ranks have drawn the stream's first `sum(positions)` samples when they all stand at
+    the same position; the new ranks continue right after them, which needs that count to divide
+    by the new world size. Otherwise (a rank skipped bad samples and drew more, or the count does
+    not divide) the order cannot continue exactly and this raises `CannotReshard`.
+    """
+    if len(set(positions)) != 1:
+        raise CannotReshard(
+            f"the ranks stopped at different places in the data order {positions} (a rank that met "
+            "unreadable samples draws further to refill its batches), so the samples left do not split "
+            "over another number of ranks in the saved order"
+        )
+    drawn = positions[0] * len(positions)
+    if drawn % world_size:
+        raise CannotReshard(
+            f"the ranks have drawn {drawn} samples of the data order together, which {world_size} ranks cannot "
+            "continue from evenly"
+        )
+    return [drawn // world_size] * world_size

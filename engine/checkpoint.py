@@ -7,17 +7,24 @@ Layout of `output_dir/checkpoints/step_N/`:
   `model.adapter_checkpoint` (where a stage-2 run started from) are cleared, since this folder's
   own adapter and projection supersede them; evaluation needs only this folder and the base
   weights. Where the run started from is kept in `progress.json` as `init_from`.
-- `trainer_state/`: a `torch.distributed.checkpoint` of the trainable parameters and the
-  optimizer (sharded under FSDP2), `progress.json` (step, world size, every rank's data
-  position, counters, `init_from`) and `rng_rank{R}.pt` (each rank's random state).
+- `trainer_state/`: the strategy's state of the trainable parameters and the optimizer: under
+  single, ddp and fsdp2 a `torch.distributed.checkpoint` (`dcp/`, sharded under FSDP2); under
+  deepspeed the engine's own checkpoint (`deepspeed/`: ZeRO partitions of the fp32 weights and
+  the optimizer, the engine and scheduler state). Beside it `progress.json` (step, world size,
+  batch sizes, every rank's data position, counters, `init_from`) and `rng_rank{R}.pt` (each
+  rank's random state).
 - `COMPLETE`: written last, before the rename.
 
 Every checkpoint is written to `step_N.tmp` and renamed once complete, so a run killed at any
 moment leaves either the previous checkpoint or the new one, never a half-written "latest". A
 folder without `COMPLETE`, or named `*.tmp`, is never resumed from or evaluated.
 
-A checkpoint resumes only with the world size that wrote it: each rank's place in the data
-order, its random state and its optimizer shard belong to that world size.
+A checkpoint resumes at another world size when the data order can continue exactly
+(`engine.batches.reshard_positions`: every rank stood at the same place in the global order and
+the samples drawn divide by the new world size): DCP reshards the FSDP2 / DDP state, DeepSpeed
+loads a universal checkpoint converted from its ZeRO files. Ranks without a saved random state
+start a fresh one seeded by (seed, rank, step). Otherwise the resume is refused with a
+`CheckpointError` that says why and how to go on; the data order never changes silently.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pefomed.engine import distributed
+from pefomed.engine.batches import CannotReshard, reshard_positions
 from pefomed.engine.config import Config, save_config
 from pefomed.engine.lora import PEFT_PREFIX, peft_adapter_config, write_adapter_config
 from pefomed.models.loading import CheckpointError, read_state_dict
@@ -55,6 +63,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARK = "COMPLETE"
 # Fields that name files a run started from; a checkpoint's own weights supersede them.
 START_FROM_FIELDS = ("projection_checkpoint", "adapter_checkpoint")
+# progress.json's `data_order`: 2 is the one stream of `engine.batches` that every world size shares.
+DATA_ORDER = 2
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -103,8 +113,51 @@ def start_from(config: Config) -> dict[str, str]:
     }
 
 
-def _full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) copies of the trainable parameters, gathered on every rank."""
+def save_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The trainable parameters and the optimizer as a `torch.distributed.checkpoint` (every rank)."""
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
+    state["optim"] = get_optimizer_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder / "dcp"))
+
+
+def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read `save_dcp_state`'s files into `model` and `optimizer`, resharded to this world size."""
+    if not (folder / "dcp").is_dir():
+        raise CheckpointError(
+            f"{folder / 'dcp'}: missing; this checkpoint was not written by train.strategy single, ddp or fsdp2 "
+            "(a deepspeed checkpoint resumes with train.strategy=deepspeed)"
+        )
+    state = {
+        "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+class _TorchState:
+    """A model and its torch optimizer, for callers that hold no `distributed.Runtime`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def save_state(self, folder: Path) -> None:
+        save_dcp_state(self.model, self.optimizer, folder)
+
+    def load_state(self, folder: Path, saved_world_size: int) -> None:
+        load_dcp_state(self.model, self.optimizer, folder)
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        return full_trainable_state(self.model)
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole copies of the trainable parameters on the host, gathered on every rank (FSDP2, DDP)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)
 
@@ -133,17 +186,21 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     config: Config,
     step: int,
     progress: dict,
     env: distributed.DistEnv,
+    runtime=None,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write `step_N` atomically; every rank must call this.
 
-    `progress` (rank 0's) goes to `progress.json`, with the world size added.
+    `runtime` (a `distributed.Runtime`, or `model` and its torch `optimizer`) writes the
+    trainable and optimizer state; `progress` (rank 0's) goes to `progress.json`, with the world
+    size and batch sizes added.
     """
+    runtime = runtime if runtime is not None else _TorchState(model, optimizer)
     root = checkpoints_dir(config.train.output_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -153,17 +210,21 @@ def save_checkpoint(
         (tmp / "trainer_state").mkdir(parents=True)
     distributed.barrier()
 
-    trainable = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
-    trainable["optim"] = get_optimizer_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(trainable, checkpoint_id=str(tmp / "trainer_state" / "dcp"))
+    runtime.save_state(tmp / "trainer_state")
     torch.save(_rng_state(), tmp / "trainer_state" / f"rng_rank{env.rank}.pt")
 
-    full = _full_trainable_state(model)
+    full = runtime.full_trainable_state()
     if env.is_main:
         _write_exports(tmp, full, config)
-        saved = {**progress, "step": step, "world_size": env.world_size}
+        saved = {
+            **progress,
+            "step": step,
+            "world_size": env.world_size,
+            "micro_batch_size": config.train.micro_batch_size,
+            "grad_accum": config.train.grad_accum,
+            "strategy": config.train.strategy,
+            "data_order": DATA_ORDER,
+        }
         (tmp / "trainer_state" / "progress.json").write_text(json.dumps(saved, indent=1))
     distributed.barrier()
     if env.is_main:
@@ -227,40 +288,96 @@ def read_progress(path: Path) -> dict:
         ) from e
 
 
-def load_checkpoint(
-    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, env: distributed.DistEnv
-) -> dict:
-    """Restore trainable parameters, optimizer and RNG; return the saved progress.
+def _refuse_world_size(path: Path, saved: int, world_size: int, why: str) -> CheckpointError:
+    processes = "1 process" if world_size == 1 else f"{world_size} processes"
+    return CheckpointError(
+        f"{path} was written by a run of world size {saved} and this run has world size {world_size} "
+        f"({processes}), and {why}. Resume with world size {saved} (torchrun --nproc_per_node={saved} on one "
+        f"node), or start a new run in a new train.output_dir from this checkpoint's weights: "
+        f"model.adapter_checkpoint={path} model.projection_checkpoint={path / 'projection.safetensors'}"
+    )
 
-    Refuses (CheckpointError) a folder that is not complete, and one written with another world size.
+
+def data_positions(
+    path: Path, progress: dict, saved: int, env: distributed.DistEnv, n_samples: int | None
+) -> list[int]:
+    """Every rank's data position for this run: the saved ones, or resharded to a new world size."""
+    positions = [int(p) for p in progress.get("data_positions") or [progress.get("data_position", 0)]]
+    if "data_order" not in progress and n_samples is not None and n_samples % saved:
+        raise CheckpointError(
+            f"{path} was written before the data order became one stream for every world size, and with "
+            f"{n_samples} samples over {saved} ranks its epochs end elsewhere: the run cannot continue in its "
+            "order. Start a new run in a new train.output_dir from its weights: "
+            f"model.adapter_checkpoint={path} model.projection_checkpoint={path / 'projection.safetensors'}"
+        )
+    if len(positions) != saved:
+        raise _refuse_world_size(
+            path, saved, env.world_size,
+            f"its progress.json holds {len(positions)} data position(s) for {saved} ranks: it is damaged",
+        )  # fmt: skip
+    if saved == env.world_size:
+        return positions
+    try:
+        return reshard_positions(positions, env.world_size)
+    except CannotReshard as e:
+        raise _refuse_world_size(path, saved, env.world_size, str(e)) from e
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    env: distributed.DistEnv,
+    runtime=None,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    config: Config | None = None,
+    n_samples: int | None = None,
+) -> dict:
+    """Restore trainable parameters, optimizer and RNG; return the saved progress, whose
+    `data_positions` are this run's (resharded when the world size changed).
+
+    Refuses (CheckpointError) a folder that is not complete, and a world size the data order
+    cannot be resharded to (see the module docstring).
     """
     path = require_complete(path)
     progress = read_progress(path)
     saved = saved_world_size(path, progress)
-    if saved != env.world_size:
-        processes = "1 process" if env.world_size == 1 else f"{env.world_size} processes"
-        raise CheckpointError(
-            f"{path} was written by a run of world size {saved} and this run has world size "
-            f"{env.world_size} ({processes}): each rank's place in the data order, its random state "
-            "and its optimizer shard belong to the saved world size, so the run cannot continue "
-            f"exactly. Resume with world size {saved} (torchrun --nproc_per_node={saved} on one node), "
-            f"or start a new run in a new train.output_dir from this checkpoint's weights: "
-            f"model.adapter_checkpoint={path} model.projection_checkpoint={path / 'projection.safetensors'}"
-        )
-    state = {
-        "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path / "trainer_state" / "dcp"))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    positions = data_positions(path, progress, saved, env, n_samples)
+    runtime = runtime if runtime is not None else _TorchState(model, optimizer)
+    runtime.load_state(path / "trainer_state", saved)
     rng_file = path / "trainer_state" / f"rng_rank{env.rank}.pt"
-    if not rng_file.exists():
+    if env.rank < saved and not rng_file.exists():
         raise CheckpointError(f"{rng_file}: missing; the checkpoint is damaged, resume from an earlier one")
-    _set_rng_state(torch.load(rng_file, weights_only=True))
-    return progress
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        seed = (config.train.seed if config is not None else 0) * 1_000_003 + env.rank * 10_007 + int(progress["step"])
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+    if saved != env.world_size:
+        _log_reshard(path, progress, saved, env, config)
+    return {**progress, "world_size": saved, "data_positions": positions}
+
+
+def _log_reshard(path: Path, progress: dict, saved: int, env: distributed.DistEnv, config: Config | None) -> None:
+    fresh = f"; ranks {saved}..{env.world_size - 1} start fresh random states" if env.world_size > saved else ""
+    logger.info(
+        "%s: written at world size %d, resumed at %d: the data order continues where all ranks stood%s",
+        path, saved, env.world_size, fresh,
+    )  # fmt: skip
+    if config is None or "micro_batch_size" not in progress:
+        return
+    before = int(progress["micro_batch_size"]) * int(progress["grad_accum"]) * saved
+    now = config.train.micro_batch_size * config.train.grad_accum * env.world_size
+    if before != now:
+        keep = before / (config.train.micro_batch_size * env.world_size)
+        hint = f" (train.grad_accum={int(keep)} keeps it)" if keep == int(keep) else ""
+        logger.warning(
+            "the global batch changes from %d samples per step (at world size %d) to %d: the run goes on "
+            "in the same data order, with a different batch%s",
+            before, saved, now, hint,
+        )  # fmt: skip
 
 
 def read_exports(path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -42,20 +42,33 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to the llm folder
     random_init: bool = False
     llm_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vocab_size: 512}
+    # How the parts are assembled (engine/build.py): minigptv2 and llava put `vision` + `connector`
+    # before the LLM `llm`; idefics2 is one Idefics2 model (`llm`: its folder, or a name in
+    # models.idefics2.CONFIGS with random_init), whose vision tower and connector are its own.
+    arch: Literal["minigptv2", "llava", "idefics2"] = "minigptv2"
     # Vision tower: a name in models.vit.CONFIGS, and optionally the checkpoint to load.
     vision: str = "tiny"
     vision_checkpoint: str | None = None
-    vision_layout: Literal["lavis", "hf_blip2", "hf_clip"] = "lavis"
+    vision_layout: Literal["lavis", "hf_blip2", "hf_clip", "hf_vit", "open_clip"] = "lavis"
+    # The square input size; for idefics2 the longest image side (the processor keeps the aspect).
     image_size: int = 448
+    image_splitting: bool = False  # idefics2: also feed the image's 4 quadrants (do_image_splitting)
     ln_vision: bool = True  # MiniGPT-v2's frozen LayerNorm after the ViT
-    # Connector: MiniGPT-v2's grouped projection.
+    # Connector: MiniGPT-v2's grouped projection (grouped), or LLaVA's projector over each patch
+    # token (linear, or mlp2x_gelu: Linear -> GELU -> Linear).
+    connector: Literal["grouped", "linear", "mlp2x_gelu"] = "grouped"
     group: int = 4
     group_layout: Literal["sequence", "spatial"] = "sequence"
     projection_checkpoint: str | None = None  # a projection.safetensors to start from
     adapter_checkpoint: str | None = None  # a PEFT adapter folder to start from (stage 2)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     kernels: Literal["torch", "triton"] = "torch"
-    attn_implementation: Literal["sdpa", "flash_attention_2", "xformers"] = "sdpa"  # only sdpa yet
+    # flash_attention_2 and xformers need their package (the `gpu` extra) and a CUDA device.
+    attn_implementation: Literal["sdpa", "flash_attention_2", "xformers"] = "sdpa"
+    # Keep the frozen ViT's features per image (keyed by a hash of the preprocessed pixels), LRU
+    # within feature_cache_mb: VQA-RAD asks ~11 questions per image. Needs data.augment off.
+    feature_cache: bool = False
+    feature_cache_mb: int = 2048
     quantize_llm: Literal["none", "nf4"] = "none"  # QLoRA: frozen linears stored as NF4
 
 
@@ -66,6 +79,7 @@ class LoRAConfig:
     dropout: float = 0.05
     # Names of the linear layers (last component) that get adapters, or ["all-linear"].
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = True  # false: no adapters, only the connector trains (LLaVA's stage 1)
     init: Literal["kaiming", "gaussian"] = "kaiming"
     use_rslora: bool = False
 
@@ -76,6 +90,22 @@ class DatasetSpec:
     path: str  # the dataset's folder (a split is read by name), or one file
     split: str = "train"  # train, test, or val / validation where the dataset has one
     image_root: str | None = None  # the folder the file's image paths are relative to
+    # Credentialed data: the GPT judge sends its items only to a local endpoint (evaluate/judge.py).
+    # The mimic reader marks its samples whatever this says; true marks any other dataset too.
+    restricted: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    """PeFoMed's training augmentation (LAVIS `blip2_image_train`), see engine/data/augment.py."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: area fraction kept
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # and its aspect ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    # swap: a flipped sample's text has left and right swapped (no flip where that is unsafe);
+    # skip: a sample whose text names a side is never flipped; blind: PeFoMed's own flip, text
+    # untouched (its "which side?" answers are then wrong half of the time).
+    laterality: Literal["swap", "skip", "blind"] = "swap"
 
 
 @dataclass
@@ -90,6 +120,11 @@ class DataConfig:
     # Image paths in a dataset file that lead outside its image folder ("../..", absolute paths,
     # symbolic links out) are refused unless this is true.
     allow_outside_root: bool = False
+    augment: AugmentConfig | None = None  # training only; null (the default): no augmentation
+    # Pack each micro-batch's samples end to end into rows of at most pack_tokens tokens
+    # (block-diagonal causal attention, positions restarting per sample) instead of padding.
+    packing: bool = False
+    pack_tokens: int = 4096
     # Synthetic demo data is generated here when missing (kind: synthetic).
     synthetic_train: int = 2000
     synthetic_test: int = 300
@@ -115,12 +150,24 @@ class TrainConfig:
     max_steps: int = 100
     save_every: int = 0  # 0: only at the end
     log_every: int = 1
-    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"  # deepspeed: not supported yet
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    # strategy deepspeed: the ZeRO stage, ZeRO-Offload of the optimizer (states and step) and,
+    # with stage 3, of the parameters; a DeepSpeed JSON whose keys override the generated ones.
     deepspeed_stage: Literal[2, 3] = 2
-    activation_checkpointing: bool = False
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    deepspeed_config: str | None = None
+    # none | full | selective (every ac_every-th decoder layer); true / false mean full / none.
+    activation_checkpointing: Literal["none", "full", "selective"] | bool = "none"
+    ac_every: int = 2
+    compile: bool = False  # torch.compile each decoder layer (fullgraph, inductor)
     resume: bool = True  # resume from output_dir's latest checkpoint when there is one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activation_checkpointing, bool):  # the earlier boolean option
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
 
 
 @dataclass
@@ -186,6 +233,7 @@ RANGES: dict[str, Range] = {
     "lora.dropout": Range(0, 1, high_open=True),
     "data.short_prompt_prob": PROBABILITY,
     "data.max_length": AT_LEAST_1,
+    "data.pack_tokens": AT_LEAST_1,
     "data.num_workers": NON_NEGATIVE,
     "data.max_bad_fraction": PROBABILITY,
     "data.synthetic_train": AT_LEAST_1,
@@ -203,15 +251,14 @@ RANGES: dict[str, Range] = {
     "train.max_steps": AT_LEAST_1,
     "train.save_every": NON_NEGATIVE,  # 0: only at the end
     "train.log_every": AT_LEAST_1,
+    "train.ac_every": AT_LEAST_1,
+    "model.feature_cache_mb": AT_LEAST_1,
     "eval.max_new_tokens": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
 }
 
 # Values a `Literal` names but the engine does not implement yet, and what to use instead.
-NOT_SUPPORTED_YET: dict[str, tuple[tuple[Any, ...], str]] = {
-    "train.strategy": (("deepspeed",), "single, ddp or fsdp2"),
-    "model.attn_implementation": (("flash_attention_2", "xformers"), "sdpa"),
-}
+NOT_SUPPORTED_YET: dict[str, tuple[tuple[Any, ...], str]] = {}
 
 # The projections that LoRA may wrap are checked against the model when it is built
 # (engine.build.check_lora_targets); here only that there is at least one.
@@ -238,16 +285,34 @@ def _lr_order(cfg: Config) -> Iterator[Problem]:
 
 
 def _deepspeed_stage(cfg: Config) -> Iterator[Problem]:
-    default = TrainConfig.deepspeed_stage
-    if cfg.train.deepspeed_stage != default and cfg.train.strategy != "deepspeed":
-        yield ("train.deepspeed_stage", "train.strategy"), (
-            f"train.deepspeed_stage={cfg.train.deepspeed_stage} does nothing with train.strategy="
-            f"{cfg.train.strategy!r}: it applies to strategy deepspeed only, which is not supported yet; remove it"
+    t = cfg.train
+    if t.strategy != "deepspeed":
+        for key in ("deepspeed_stage", "offload_optimizer", "offload_params", "deepspeed_config"):
+            if getattr(t, key) != getattr(TrainConfig, key):
+                yield (f"train.{key}", "train.strategy"), (
+                    f"train.{key}={getattr(t, key)} does nothing with train.strategy={t.strategy!r}: it applies "
+                    "to train.strategy=deepspeed only; remove it or set train.strategy=deepspeed"
+                )
+        return
+    if t.offload_params != "none" and t.deepspeed_stage != 3:
+        yield ("train.offload_params", "train.deepspeed_stage"), (
+            f"train.offload_params={t.offload_params} needs train.deepspeed_stage=3 (ZeRO-2 keeps every "
+            f"parameter on the device); got train.deepspeed_stage={t.deepspeed_stage}"
+        )
+    if t.deepspeed_stage == 3 and cfg.model.quantize_llm != "none":
+        yield ("train.deepspeed_stage", "model.quantize_llm"), (
+            f"train.deepspeed_stage=3 with model.quantize_llm={cfg.model.quantize_llm}: ZeRO-3 partitions "
+            "parameters into its own flat buffers, which cannot hold 4-bit weights; use train.deepspeed_stage=2 "
+            "or train.strategy=fsdp2 (which shards NF4 weights)"
+        )
+    if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
+        yield ("train.deepspeed_config",), (
+            f"train.deepspeed_config={t.deepspeed_config}: no such file; give the path of a DeepSpeed JSON config"
         )
 
 
 def _target_modules(cfg: Config) -> Iterator[Problem]:
-    if not cfg.lora.target_modules:
+    if cfg.lora.enabled and not cfg.lora.target_modules:
         yield ("lora.target_modules",), (
             "lora.target_modules is empty: name the projections that get adapters, e.g. [q_proj, v_proj], "
             "or [all-linear]"
@@ -255,12 +320,13 @@ def _target_modules(cfg: Config) -> Iterator[Problem]:
 
 
 def _random_init_llm(cfg: Config) -> Iterator[Problem]:
-    from pefomed.models import llama
+    from pefomed.models import idefics2, llama
 
-    if cfg.model.random_init and cfg.model.llm not in llama.CONFIGS:
+    names = idefics2.CONFIGS if cfg.model.arch == "idefics2" else llama.CONFIGS
+    if cfg.model.random_init and cfg.model.llm not in names:
         yield ("model.llm", "model.random_init"), (
             f"model.llm={cfg.model.llm!r} with model.random_init=true must name a built-in config, one of: "
-            f"{', '.join(llama.CONFIGS)}; to load weights, set model.llm to a model folder and model.random_init=false"
+            f"{', '.join(names)}; to load weights, set model.llm to a model folder and model.random_init=false"
         )
 
 
@@ -269,13 +335,15 @@ def _image_grid(cfg: Config) -> Iterator[Problem]:
     from pefomed.models import vit
 
     m = cfg.model
-    if m.vision not in vit.CONFIGS:
-        return  # reported by the choice check
+    if m.vision not in vit.CONFIGS or m.arch == "idefics2":
+        return  # reported by the choice check; Idefics2 takes any image size up to its tower's
     patch = vit.CONFIGS[m.vision].patch_size
     side = m.image_size // patch
     keys = ("model.image_size", "model.group", "model.group_layout")
     if side < 1:
         yield keys, f"model.image_size={m.image_size} is smaller than the patch size {patch} of model.vision={m.vision!r}"
+    elif m.connector != "grouped":
+        return  # LLaVA's projectors take every patch token
     elif (side * side) % m.group:
         yield keys, (
             f"model.image_size={m.image_size} gives {side}x{side}={side * side} patches of {patch} px, which "
@@ -308,9 +376,100 @@ def _datasets(cfg: Config) -> Iterator[Problem]:
                 )
 
 
+def _augment(cfg: Config) -> Iterator[Problem]:
+    a = cfg.data.augment
+    if a is None:
+        return
+    low, high = a.crop_scale
+    if not 0 < low <= high <= 1:
+        yield ("data.augment.crop_scale",), (
+            f"data.augment.crop_scale={list(a.crop_scale)}: expected [low, high] with 0 < low <= high <= 1 "
+            "(the fraction of the image area a crop keeps; [1, 1] for no crop)")
+    if not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
+        yield ("data.augment.crop_ratio",), (
+            f"data.augment.crop_ratio={list(a.crop_ratio)}: expected [low, high] with 0 < low <= high "
+            "(aspect ratios, width / height)")
+    if a.hflip not in PROBABILITY:
+        yield ("data.augment.hflip",), f"data.augment.hflip={a.hflip!r} is out of range: it must be {PROBABILITY}"
+
+
+ARCH_CONNECTORS = {"minigptv2": ("grouped",), "llava": ("linear", "mlp2x_gelu")}
+
+
+def _arch(cfg: Config) -> Iterator[Problem]:
+    """The connector and the vision options that each assembly uses."""
+    m = cfg.model
+    if m.arch in ARCH_CONNECTORS and m.connector not in ARCH_CONNECTORS[m.arch]:
+        yield ("model.connector", "model.arch"), (
+            f"model.connector={m.connector} does not fit model.arch={m.arch}: MiniGPT-v2 uses the grouped "
+            "projection (grouped), LLaVA a projector over each patch token (linear or mlp2x_gelu)"
+        )
+    if m.image_splitting and m.arch != "idefics2":
+        yield ("model.image_splitting", "model.arch"), (
+            f"model.image_splitting=true applies to model.arch=idefics2 only (its processor's do_image_splitting); "
+            f"model.arch={m.arch} takes one {m.image_size}x{m.image_size} image: remove it"
+        )
+    if m.arch == "idefics2" and m.vision_checkpoint is not None:
+        yield ("model.vision_checkpoint", "model.arch"), (
+            "model.vision_checkpoint does not apply to model.arch=idefics2: its vision tower loads from the "
+            "model.llm folder with the rest of the model; remove it"
+        )
+
+
+# model.attn_implementation -> the package it imports and how to get it.
+ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install 'pefomed[gpu]' (flash-attn) on a CUDA machine"),
+    "xformers": ("xformers.ops", "pip install 'pefomed[gpu]' (xformers) on a CUDA machine"),
+}
+
+
+def _attention_backend(cfg: Config) -> Iterator[Problem]:
+    """flash-attn and xformers are optional: refused here only when their package does not import."""
+    backend = cfg.model.attn_implementation
+    if backend not in ATTENTION_PACKAGES:
+        return
+    import importlib
+
+    package, fix = ATTENTION_PACKAGES[backend]
+    try:
+        importlib.import_module(package)
+    except Exception as e:  # ImportError, or a build that fails to load its CUDA libraries
+        yield ("model.attn_implementation",), (
+            f"model.attn_implementation={backend} needs the {package.split('.')[0]} package, which does not import "
+            f"here ({type(e).__name__}: {e}); {fix}, or use model.attn_implementation=sdpa"
+        )
+
+
+def _hot_path(cfg: Config) -> Iterator[Problem]:
+    """Packing, the feature cache and activation checkpointing: options that need others."""
+    d, t, m = cfg.data, cfg.train, cfg.model
+    if d.packing and d.pack_tokens < d.max_length:
+        yield ("data.pack_tokens", "data.max_length"), (
+            f"data.pack_tokens={d.pack_tokens} is below data.max_length={d.max_length}: a sample of max_length "
+            "tokens would fit no pack; raise data.pack_tokens (or lower data.max_length)"
+        )
+    if d.packing and m.arch == "idefics2":
+        yield ("data.packing", "model.arch"), (
+            "data.packing packs one square image per sample; model.arch=idefics2 takes several images of their "
+            "own sizes per sample: set data.packing=false"
+        )
+    if m.feature_cache and d.augment is not None:
+        yield ("model.feature_cache", "data.augment"), (
+            "model.feature_cache keeps the frozen ViT's features per image, but data.augment draws another crop "
+            "or flip each time, so no two draws share features: remove data.augment or set model.feature_cache=false"
+        )
+    if t.ac_every != TrainConfig.ac_every and t.activation_checkpointing != "selective":
+        yield ("train.ac_every", "train.activation_checkpointing"), (
+            f"train.ac_every={t.ac_every} does nothing with train.activation_checkpointing="
+            f"{t.activation_checkpointing}: it applies to selective checkpointing; set "
+            "train.activation_checkpointing=selective or remove it"
+        )
+
+
 # Rules that tie options together, each yielding what is wrong.
 RULES: tuple[Callable[[Config], Iterator[Problem]], ...] = (
-    _lr_order, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets,
+    _lr_order, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets, _augment, _arch,
+    _attention_backend, _hot_path,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 
 import numpy as np
@@ -40,27 +41,62 @@ def build_config(cfg: Config) -> Config:
     return checkpoint.self_contained(copy.deepcopy(cfg))
 
 
+def build_parallel_model(cfg: Config, env: distributed.DistEnv):
+    """The model under `train.strategy`, and the runtime that steps it (None: the trainer's
+    `TorchRuntime`). fsdp2 builds on the meta device and loads each rank's shards
+    (`engine.sharded_loading`); deepspeed hands the model to `deepspeed.initialize`."""
+    strategy, dtype = cfg.train.strategy, DTYPES[cfg.model.dtype]
+    distributed.check_strategy(strategy, env)
+    model_cfg = build_config(cfg)
+    if strategy == "fsdp2":
+        from pefomed.engine import sharded_loading
+
+        why_not = sharded_loading.supports_sharded_loading(model_cfg)
+        if why_not is None:
+            return sharded_loading.build_sharded_model(
+                model_cfg, env, activation_checkpointing=cfg.train.activation_checkpointing != "none"
+            ), None
+        logger.info("fsdp2: %s is built whole on every rank, then sharded", why_not)
+    if strategy == "deepspeed" and env.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    model = build_model(model_cfg, env.device)
+    model = distributed.apply_strategy(
+        model,
+        strategy,
+        env,
+        dtype,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        ac_every=cfg.train.ac_every,
+    )
+    if strategy == "deepspeed":
+        from pefomed.engine.deepspeed_strategy import DeepSpeedRuntime
+
+        return model, DeepSpeedRuntime(model, cfg, env)
+    return model, None
+
+
 def train_from_config(cfg: Config) -> dict:
-    env = distributed.init_distributed(cfg.train.device)
+    env = distributed.init_distributed(cfg.train.device, cfg.train.strategy)
     try:
         seed_everything(cfg.train.seed)
         samples = load_samples(cfg.data.train, cfg, env.is_main)
         tokenizer = load_run_tokenizer(cfg)
         fit_vocab_to_tokenizer(cfg, tokenizer)
-        model = build_model(build_config(cfg), env.device)
-        model = distributed.apply_strategy(
-            model,
-            cfg.train.strategy,
-            env,
-            DTYPES[cfg.model.dtype],
-            activation_checkpointing=cfg.train.activation_checkpointing,
-        )
+        model, runtime = build_parallel_model(cfg, env)
+        if cfg.train.compile:  # after the strategy: its hooks stay eager around each compiled layer
+            from pefomed.engine.compile import compile_layers
+
+            compile_layers(model)
         from pefomed.engine.data.collate import collate
 
         dataset = build_dataset(samples, cfg, tokenizer, train=True)
         batches = MicroBatches(
             dataset,
-            lambda items: collate(items, pad_token_id=tokenizer.pad_token_id),
+            lambda items: collate(
+                items,
+                pad_token_id=tokenizer.pad_token_id,
+                pack_tokens=cfg.data.pack_tokens if cfg.data.packing else None,
+            ),
             micro_batch_size=cfg.train.micro_batch_size,
             seed=cfg.train.seed,
             rank=env.rank,
@@ -69,7 +105,7 @@ def train_from_config(cfg: Config) -> dict:
         )
         # Dropout masks and prompt draws differ per rank but are reproducible per rank.
         torch.manual_seed(cfg.train.seed + env.rank)
-        trainer = Trainer(config=cfg, model=model, batches=batches, env=env)
+        trainer = Trainer(config=cfg, model=model, batches=batches, env=env, runtime=runtime)
         return trainer.train()
     finally:
         distributed.shutdown_distributed()

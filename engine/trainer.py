@@ -1,9 +1,15 @@
 """The training loop: AdamW, warmup + cosine, token-normalized accumulation, clipping, logging.
 
+One loop for every strategy: it drives a `distributed.Runtime` (`TorchRuntime` for single, ddp
+and fsdp2; `DeepSpeedRuntime`, whose engine owns the optimizer, its clipping and its state), so
+the accumulation, the counts, the checkpoints and the metrics are the same code under each.
+
 Gradient accumulation is normalized by the number of target tokens in the whole optimizer step,
 summed across ranks (as torchtune does), not by the number of micro-steps: medical answers run
 from one token ("yes") to three hundred (a report), and a per-micro-step mean would weight a
-one-word answer like a whole report.
+one-word answer like a whole report. Each micro-batch's backward takes
+`loss * n_local * grad_divisor / n_global`, where `grad_divisor` undoes the strategy's own
+averaging over ranks (1 when the reduction sums, as FSDP2's does here).
 
 Bad samples (unreadable images, prompts too long) are counted across ranks in the same
 all-reduce that sums the target tokens, once per optimizer step, so every rank sees the same
@@ -12,8 +18,12 @@ not be used (judged from the 20th sample on), or some rank met 50 micro-batches'
 samples in a row, every rank saves the checkpoint of the step's start and raises
 `TooManyBadSamples`. Each rank logs its own bad samples (file and reason) as warnings.
 
-Library messages go through `logging` (the `pefomed` logger shows INFO on rank 0 only); rank 0
-shows a tqdm progress bar when `train.progress_bar` is on.
+`metrics.jsonl` (rank 0) holds per step: loss, lr, grad_norm, target and input tokens, tokens/s
+(input tokens over all ranks per second of the step), peak memory (CUDA: max_memory_allocated of
+rank 0; CPU: rank 0's peak RSS) and, on CUDA with a known GPU, MFU. The token counts ride in the
+step's one all-reduce, so the metrics add no host synchronization. Library messages go through
+`logging` (the `pefomed` logger shows INFO on rank 0 only); rank 0 shows a tqdm progress bar
+with the loss, lr and tokens/s when `train.progress_bar` is on.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import json
 import logging
 import math
 import os
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,8 +67,35 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases and norms are not decayed)."""
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """`lr_at` as a scheduler: the lr of optimizer step `last_epoch`, for every group.
+
+    The lr is a function of the step alone, so the saved state is the step and a resumed run sets
+    it from its progress (`set_step`), whichever strategy saved it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> None:
+        self.optim, self.max_steps = optim, max_steps
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [lr_at(self.last_epoch, self.optim, self.max_steps)] * len(self.optimizer.param_groups)
+
+    def set_step(self, step: int) -> None:
+        self.last_epoch = step
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.set_step(int(state_dict["last_epoch"]))
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only (biases and norms are not decayed)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -68,7 +107,12 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return groups
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (`param_groups`)."""
+    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=optim.betas, eps=optim.eps)
 
 
 def count_targets(batch: dict) -> int:
@@ -80,8 +124,129 @@ def count_targets(batch: dict) -> int:
 
 def count_samples(batch: dict) -> int:
     """Samples a micro-batch drew from the data order: the usable ones and the bad ones."""
-    usable = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
-    return usable + int(batch.get("n_bad", 0))
+    return int(sequence_lengths(batch).numel()) + int(batch.get("n_bad", 0))
+
+
+def sequence_lengths(batch: dict) -> torch.Tensor:
+    """Real (unpadded) tokens of each sample, read on the host before the batch moves: a padded
+    batch's row lengths, or a packed batch's segments that are not padding."""
+    if "input_ids" not in batch:
+        return torch.zeros(0, dtype=torch.long)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        ids = batch["input_ids"]
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
+    if "seq_lens" in batch:
+        real = mask.reshape(-1).split([int(n) for n in batch["seq_lens"]])
+        lengths = torch.stack([segment.sum() for segment in real]).long()
+        return lengths[lengths > 0]
+    return mask.sum(dim=1).long()
+
+
+# ---------------------------------------------------------------- throughput and utilization
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' data sheets: (bf16/fp16, tf32).
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100 SXM": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "A40": (149.7e12, 74.8e12),
+    "L40S": (362e12, 183e12),
+    "A10": (125e12, 62.5e12),
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak for `dtype` (fp32 runs on TF32 tensor cores), or None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_FLOPS.items():  # the longer names come first
+        if key in name:
+            return tf32 if dtype == torch.float32 else half
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Model FLOPs of one frozen-base PEFT step, from parameter counts and token counts.
+
+    Only matmul weights count (2-D, and the ViT's patch convolution); a matmul costs 2 FLOPs per
+    weight per token forward. Per real LLM token: frozen decoder weights `4 N` (forward, and the
+    input gradient that must flow down to the lowest adapter and to the connector's positions),
+    adapters `6 N` (forward, input and weight gradients). The head runs on target rows only:
+    `4 N_head` per target token. The connector `4 N` per image token (forward and weight
+    gradient; the frozen ViT below needs no input gradient). The frozen ViT runs forward only:
+    `2 N` per ViT token (its patch embedding per patch). Attention adds `12 L d` per token per token of its sequence in the LLM
+    (forward QK^T and AV, backward twice that) and `4 L d` in the ViT. Padding is not work.
+    """
+
+    llm_frozen: int
+    llm_adapters: int
+    head: int
+    connector: int
+    llm_layers: int
+    llm_width: int
+    vit: int
+    vit_patch: int
+    vit_layers: int
+    vit_width: int
+    vit_tokens: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelFlops | None:
+        """The counts of a VisionLanguageModel (None for any other module: no MFU is logged)."""
+        llm = getattr(model, "llm", None)
+        config = getattr(llm, "config", None)
+        if not (hasattr(config, "num_hidden_layers") and hasattr(getattr(llm, "model", None), "layers")):
+            return None
+
+        def shape(p: torch.Tensor) -> tuple[int, ...]:
+            return tuple(getattr(p, "ds_shape", None) or p.shape)  # ZeRO-3 keeps the full shape aside
+
+        def matmul_numel(params) -> int:
+            return sum(math.prod(shape(p)) for p in params if len(shape(p)) in (2, 4))
+
+        body = list(llm.model.layers.parameters())
+        vit = getattr(model, "vit", None)
+        vc = getattr(vit, "config", None)
+        return cls(
+            llm_frozen=matmul_numel(p for p in body if not p.requires_grad),
+            llm_adapters=matmul_numel(p for p in body if p.requires_grad),
+            head=matmul_numel([llm.lm_head.weight]),
+            connector=matmul_numel(p for p in model.connector.parameters() if p.requires_grad),
+            llm_layers=llm.config.num_hidden_layers,
+            llm_width=llm.config.hidden_size,
+            vit=sum(math.prod(shape(p)) for p in vit.parameters() if len(shape(p)) == 2) if vit is not None else 0,
+            vit_patch=sum(math.prod(shape(p)) for p in vit.parameters() if len(shape(p)) == 4)
+            if vit is not None
+            else 0,
+            vit_layers=vc.depth if vc is not None else 0,
+            vit_width=vc.hidden_size if vc is not None else 0,
+            vit_tokens=vc.grid * vc.grid + 1 if vc is not None else 0,
+        )
+
+    def step(self, counts: StepCounts) -> float:
+        llm = counts.input_tokens * (4 * self.llm_frozen + 6 * self.llm_adapters)
+        llm += 12 * self.llm_layers * self.llm_width * counts.squared_lengths
+        head = counts.target_tokens * 4 * self.head
+        connector = counts.image_tokens * 4 * self.connector
+        vit = counts.images * (
+            self.vit_tokens * (2 * self.vit + 4 * self.vit_layers * self.vit_width * self.vit_tokens)
+            + (self.vit_tokens - 1) * 2 * self.vit_patch  # the patch embedding sees patches, not CLS
+        )
+        return float(llm + head + connector + vit)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: CUDA `max_memory_allocated`, or the peak resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
 
 
 @dataclass
@@ -110,6 +275,10 @@ class StepCounts:
     bad: int
     samples: int
     starved_ranks: int
+    input_tokens: int = 0  # real (unpadded) tokens fed to the LLM
+    squared_lengths: int = 0  # sum over samples of (real tokens)^2, for attention FLOPs
+    images: int = 0
+    image_tokens: int = 0  # LLM positions the connector fills
 
 
 class MetricsLog:
@@ -167,20 +336,30 @@ class MetricsLog:
 
 
 class Trainer:
+    """The loop over optimizer steps of one run.
+
+    `runtime` is the strategy's step (`distributed.Runtime`); without one, `model` (single, ddp
+    or fsdp2, already wrapped) gets a `TorchRuntime` with our AdamW and schedule.
+    """
+
     def __init__(
         self,
         *,
         config: Config,
-        model: nn.Module,
+        model: nn.Module | None = None,
         batches,
         env: distributed.DistEnv,
+        runtime: distributed.Runtime | None = None,
     ) -> None:
         self.config = config
-        self.model = model
+        if runtime is None:
+            optimizer = build_optimizer(model, config.optim)
+            scheduler = WarmupCosine(optimizer, config.optim, config.train.max_steps)
+            runtime = distributed.TorchRuntime(model, optimizer, scheduler, env, config.optim.grad_clip)
+        self.runtime = runtime
+        self.model = runtime.model
         self.batches = batches  # engine.batches.MicroBatches: iterable, .position, .skip_to()
         self.env = env
-        self.optimizer = build_optimizer(model, config.optim)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
         out = Path(config.train.output_dir)
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +367,15 @@ class Trainer:
         self.progress = Progress(init_from=checkpoint.start_from(config))
         self.recent_bad: list[str] = []  # this rank's last bad samples, for the error message
         self.saved_step: int | None = None  # the step of the checkpoint that holds the current state
+        self.flops = ModelFlops.of(runtime.module)
+        from pefomed.engine.build import DTYPES
+
+        peak = peak_flops(env.device, DTYPES[config.model.dtype])
+        self.peak_flops = peak * env.world_size if peak else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.runtime.optimizer
 
     # --- resume ------------------------------------------------------------------------------
 
@@ -197,15 +385,17 @@ class Trainer:
         if path is None:
             self.metrics.truncate_after(0)
             return
-        saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer, env=self.env)
-        positions = saved.get("data_positions") or [saved.get("data_position", 0)]
+        saved = checkpoint.load_checkpoint(
+            path, runtime=self.runtime, env=self.env, config=self.config, n_samples=len(self.batches.dataset)
+        )
         self.progress = Progress(
             **{k: v for k, v in saved.items() if k in Progress.__dataclass_fields__ and k != "init_from"},
             init_from=saved.get("init_from") or self.progress.init_from,
         )
-        self.progress.data_position = int(positions[self.env.rank])
+        self.progress.data_position = int(saved["data_positions"][self.env.rank])
         self.batches.skip_to(self.progress.data_position)
-        self.saved_step = self.progress.step
+        self.runtime.set_schedule_step(self.progress.step)
+        self.saved_step = self.progress.step if saved["world_size"] == self.env.world_size else None
         self.metrics.truncate_after(self.progress.step)
         logger.info("resumed from %s at step %d", path, self.progress.step)
 
@@ -220,12 +410,7 @@ class Trainer:
         record = progress.as_dict()
         record["data_positions"] = distributed.gather_ints(progress.data_position, self.env)
         path = checkpoint.save_checkpoint(
-            model=self.model,
-            optimizer=self.optimizer,
-            config=self.config,
-            step=progress.step,
-            progress=record,
-            env=self.env,
+            runtime=self.runtime, config=self.config, step=progress.step, progress=record, env=self.env
         )
         self.saved_step = progress.step
         logger.info("saved %s", path)
@@ -248,31 +433,21 @@ class Trainer:
                 self.progress.samples_seen += counts.samples
                 self.progress.bad_samples += counts.bad
                 self._stop_if_too_many_bad(counts, at_start)
+                lr = self.runtime.lr()
                 loss_sum = self._accumulate(micro, counts.target_tokens)
-                grad_norm = self._clip()
-                lr = lr_at(self.progress.step, self.config.optim, cfg.max_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = float(self.runtime.step())
                 self.progress.step += 1
                 elapsed = time.perf_counter() - started
-                last = {
-                    "step": self.progress.step,
-                    "loss": loss_sum / max(counts.target_tokens, 1),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "target_tokens": counts.target_tokens,
-                    "bad_samples": self.progress.bad_samples,
-                    "samples_seen": self.progress.samples_seen,
-                    "step_time_s": elapsed,
-                }
+                last = self._record(counts, loss_sum, lr, grad_norm, elapsed)
                 self.metrics.write(last)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 elif self.env.is_main and self.progress.step % max(cfg.log_every, 1) == 0:
-                    logger.info("step %d: loss %.4f lr %.2e", self.progress.step, last["loss"], lr)
+                    logger.info(
+                        "step %d: loss %.4f lr %.2e %.0f tokens/s", self.progress.step, last["loss"], lr,
+                        last["tokens_per_s"],
+                    )  # fmt: skip
                 if cfg.save_every and self.progress.step % cfg.save_every == 0 and self.progress.step < cfg.max_steps:
                     self.save()
         finally:
@@ -286,6 +461,25 @@ class Trainer:
                 self.progress.samples_seen,
             )
         return last
+
+    def _record(self, counts: StepCounts, loss_sum: float, lr: float, grad_norm: float, elapsed: float) -> dict:
+        record = {
+            "step": self.progress.step,
+            "loss": loss_sum / max(counts.target_tokens, 1),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "target_tokens": counts.target_tokens,
+            "input_tokens": counts.input_tokens,
+            "bad_samples": self.progress.bad_samples,
+            "samples_seen": self.progress.samples_seen,
+            "step_time_s": elapsed,
+            "tokens_per_s": counts.input_tokens / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
+        }
+        if self.peak_flops and self.flops is not None:
+            flops = self.flops.step(counts)
+            record["mfu"] = flops / elapsed / self.peak_flops if elapsed > 0 else 0.0
+        return record
 
     def _progress_bar(self):
         if not (self.env.is_main and self.config.train.progress_bar):
@@ -304,13 +498,18 @@ class Trainer:
         return batch
 
     def _reduce_counts(self, micro: list[dict]) -> StepCounts:
-        """Target tokens, bad samples, samples and starved ranks of this step over all ranks:
-        one all-reduce."""
+        """Target tokens, bad samples, samples, starved ranks, input tokens, squared lengths,
+        images and image tokens of this step over all ranks: one all-reduce."""
+        lengths = [sequence_lengths(b) for b in micro]
         local = [
             sum(count_targets(b) for b in micro),
             sum(int(b.get("n_bad", 0)) for b in micro),
             sum(count_samples(b) for b in micro),
             int(any(b.get("starved", False) for b in micro)),
+            sum(int(n.sum()) for n in lengths),
+            sum(int((n * n).sum()) for n in lengths),
+            sum(int(n.numel()) for n in lengths),
+            sum(int(b["image_token_mask"].sum()) for b in micro if "image_token_mask" in b),
         ]
         total = distributed.all_reduce_sum(torch.tensor(local, dtype=torch.long, device=self.env.device))
         return StepCounts(*(int(v) for v in total.tolist()))
@@ -347,22 +546,13 @@ class Trainer:
         """Forward and backward of the step's micro-batches; returns the loss summed over all
         ranks' target tokens. `global_tokens` is the step's target count over all ranks."""
         device = self.env.device
-        # DDP and FSDP average gradients over ranks; scale back up so the result is the
-        # gradient of (sum of token losses over all ranks) / (target tokens over all ranks).
-        scale = self.env.world_size / max(global_tokens, 1)
+        scale = self.runtime.grad_divisor / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         for i, batch in enumerate(micro):
-            distributed.set_gradient_sync(self.model, i == len(micro) - 1)
+            self.runtime.set_boundary(i == len(micro) - 1)
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss, n = self.model(batch)
-            (loss * n * scale).backward()
+            self.runtime.backward(loss * n * scale)
             loss_sum += loss.detach().double() * n
         total = distributed.all_reduce_sum(loss_sum)
         return float(total.item())
-
-    def _clip(self) -> float:
-        clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)

@@ -5,7 +5,9 @@ About 7% of the synthetic dataset's image files are overwritten with garbage. Wi
 checkpoint (before, the rank that crossed the limit waited at the checkpoint's barrier while the
 other waited in the step's all-reduce, until the gloo timeout). Above it, training finishes and
 each rank logs its bad files. The stopping step and the counts are checked against a replay of
-the data order. A 2-rank checkpoint is then refused by a 1-process resume.
+the data order, under ddp and deepspeed (stop) and fsdp2 (finish). The finished 2-rank checkpoint
+is then refused by a 1-process resume: its ranks skipped different numbers of bad samples, so they
+stand at different places in the data order, which another world size cannot continue exactly.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def run_command(args: list[str], nproc: int) -> list[str]:
 
 
 def child_env(**extra: str) -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,8 @@ def replay(bad: set[int], steps: int) -> list[tuple[int, int, list[int], list[in
     streams = [MicroBatches(Flags(N_TRAIN, bad), lambda items: {"n": len(items)}, micro_batch_size=MICRO,
                             seed=SEED, rank=r, world_size=2) for r in (0, 1)]  # fmt: skip
     iters = [iter(s) for s in streams]
-    first_epoch = [{streams[r].index_at(p) for p in range(streams[r].per_rank)} for r in (0, 1)]
+    # Rank r draws the global order's samples r, r + 2, ...: its first epoch is those below N_TRAIN.
+    first_epoch = [{streams[r].index_at(p) for p in range((N_TRAIN - r + 1) // 2)} for r in (0, 1)]
     has_bad = [int(bool(first_epoch[r] & bad)) for r in (0, 1)]
     out, seen, n_bad = [], 0, 0
     for _ in range(steps):
@@ -117,11 +120,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_below_the_limit_both_ranks_save_and_exit_2(broken_data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_below_the_limit_both_ranks_save_and_exit_2(broken_data, tmp_path, strategy):
     data, broken, bad = broken_data
     limit = 0.02
     args = overrides(tmp_path / "run", data, [f"data.max_bad_fraction={limit}", "train.max_steps=20",
-                                              "train.strategy=ddp"])  # fmt: skip
+                                              f"train.strategy={strategy}"])  # fmt: skip
     # The two ranks are started as torchrun starts them (same environment variables), but by
     # this test, so that each one's own exit code is seen: torchrun stops the other workers as
     # soon as one has failed, and reports only the first.
@@ -203,12 +207,15 @@ def test_above_the_limit_training_finishes_and_every_rank_logs_its_bad_files(bro
 
 
 def test_one_process_does_not_resume_a_two_rank_checkpoint(broken_data, finished_run):
-    data, _, _ = broken_data
+    data, _, bad = broken_data
     out, steps, _ = finished_run
+    positions = replay(bad, steps)[-1][2]
+    assert positions[0] != positions[1]  # the ranks met different numbers of bad samples
     args = overrides(out, data, ["data.max_bad_fraction=0.5", f"train.max_steps={steps + 3}"])
     result = subprocess.run(run_command(args, 1), env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and f"step_{steps}" in error
     assert "world size 2" in error and "world size 1" in error and "--nproc_per_node=2" in error
+    assert f"different places in the data order {positions}" in error
     assert latest_checkpoint(out).name == f"step_{steps}"  # nothing was written
