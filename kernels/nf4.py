@@ -642,6 +642,14 @@ def _zero_(func: Any, args: tuple, kwargs: dict) -> NF4Tensor:
     return args[0]
 
 
+def _table(table: torch.Tensor, build: Any, device: torch.device) -> torch.Tensor:
+    """A copy of a constant code table on `device`; rebuilt when the source is on meta (a model
+    built on the meta device and materialized with `to_empty`, as sharded loading does)."""
+    if table.is_meta and device.type != "meta":
+        return build().to(device=device, dtype=table.dtype)
+    return table.to(device, copy=True)
+
+
 def _zeros(q: NF4Tensor, shape: Sequence[int], dtype: torch.dtype | None, device: Any) -> NF4Tensor:
     """All-zero NF4Tensor of `shape`, laid out as a piece of that size cut from q would be (see `_split`)."""
     shape = torch.Size(shape)
@@ -656,10 +664,11 @@ def _zeros(q: NF4Tensor, shape: Sequence[int], dtype: torch.dtype | None, device
         return NF4Tensor(
             packed, torch.zeros(n_blocks, dtype=torch.uint8, device=device), shape, dtype, q.blocksize,
             torch.zeros((), device=device), torch.zeros(-(n_blocks // -q.nested_blocksize), device=device),
-            q.nested_code.to(device, copy=True), q.nested_blocksize, q.quant_map.to(device, copy=True),
+            _table(q.nested_code, dynamic_map_signed, device), q.nested_blocksize,
+            _table(q.quant_map, lambda: NF4_CODE, device),
         )  # fmt: skip
     absmax = torch.zeros(n_blocks, dtype=torch.float32, device=device)
-    return NF4Tensor(packed, absmax, shape, dtype, q.blocksize, quant_map=q.quant_map.to(device, copy=True))
+    return NF4Tensor(packed, absmax, shape, dtype, q.blocksize, quant_map=_table(q.quant_map, lambda: NF4_CODE, device))
 
 
 @_implements(aten.new_zeros.default, aten.new_empty.default)

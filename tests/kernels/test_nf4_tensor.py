@@ -301,3 +301,21 @@ def test_transposed_view():
     assert "transposed" in repr(t)
     with pytest.raises(RuntimeError, match="view the \\[out, in\\] weight"):
         t.view(-1)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_materializes_from_the_meta_device(double_quant):
+    """Meta-first building (build on meta, shard, `to_empty`, then load each rank's rows) needs an
+    NF4 weight on meta to materialize; its constant code tables are rebuilt, not copied from meta."""
+    dense = torch.randn(48, 96)
+    q = to_nf4(dense, double_quant=double_quant)
+    layer = torch.nn.Linear(96, 48, bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(q.to("meta"), requires_grad=False)
+    layer.to_empty(device="cpu")
+    assert isinstance(layer.weight, NF4Tensor) and layer.weight.device.type == "cpu"
+    assert torch.equal(layer.weight.quant_map, q.quant_map)
+    if double_quant:
+        assert torch.equal(layer.weight.nested_code, q.nested_code)
+    with torch.no_grad():
+        layer.weight.copy_(q)
+    assert torch.equal(layer.weight.dequantize(), q.dequantize())
