@@ -51,8 +51,18 @@ def mask_bytes(seed, rows, byte_cols, n_cols, p):
     counter = _row_counter(rows, n_cols)[:, None] + 2 * byte_cols.to(tl.int64)[None, :]
     a0, a1, a2, a3 = tl.randint4x(seed, counter)
     b0, b1, b2, b3 = tl.randint4x(seed, counter + 1)
-    low = (a0 >= t).to(tl.int32) | ((a1 >= t).to(tl.int32) << 1) | ((a2 >= t).to(tl.int32) << 2) | ((a3 >= t).to(tl.int32) << 3)
-    high = (b0 >= t).to(tl.int32) | ((b1 >= t).to(tl.int32) << 1) | ((b2 >= t).to(tl.int32) << 2) | ((b3 >= t).to(tl.int32) << 3)
+    low = (
+        (a0 >= t).to(tl.int32)
+        | ((a1 >= t).to(tl.int32) << 1)
+        | ((a2 >= t).to(tl.int32) << 2)
+        | ((a3 >= t).to(tl.int32) << 3)
+    )
+    high = (
+        (b0 >= t).to(tl.int32)
+        | ((b1 >= t).to(tl.int32) << 1)
+        | ((b2 >= t).to(tl.int32) << 2)
+        | ((b3 >= t).to(tl.int32) << 3)
+    )
     return low | (high << 4)
 
 

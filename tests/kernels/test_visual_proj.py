@@ -11,9 +11,13 @@ the CPU under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import pefomed.kernels.visual_proj as vp_mod
 from pefomed.kernels.reference import grouped_projection_reference
 from pefomed.kernels.visual_proj import grouped_projection
+
+from .strided import ODD_SIZES, as_layout, assert_gaps_untouched, guarded_empty, layouts_for
 
 CASES = [  # (batch, patch tokens N, D, out_dim, layout, drop_cls, bias)
     (3, 20, 24, 40, "sequence", True, True),
@@ -21,9 +25,18 @@ CASES = [  # (batch, patch tokens N, D, out_dim, layout, drop_cls, bias)
     (2, 16, 9, 17, "spatial", False, True),
     (1, 12, 7, 33, "sequence", False, False),
 ]
-# fp16 inputs: one rounding of each output (2^-11) plus fp16 inputs; a wrong row/column/token is O(1).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+# fp16/bf16 inputs: one rounding of each output (2^-11 / 2^-8) plus the rounded weight cast; a
+# wrong row/column/token is O(1).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an element left unwritten fails."""
+    monkeypatch.setattr(
+        vp_mod, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,8 +69,8 @@ def float64_twins(*tensors):
 
 
 # Both dtypes for the two EVA-like layouts; the small drop_cls=False cases once each (interpreter time).
-DTYPED_CASES = [(*CASES[0], torch.float32), (*CASES[0], torch.float16), (*CASES[1], torch.float32),
-                (*CASES[1], torch.float16), (*CASES[2], torch.float16), (*CASES[3], torch.float32)]  # fmt: skip
+DTYPED_CASES = [(*CASES[0], torch.float32), (*CASES[0], torch.bfloat16), (*CASES[1], torch.float32),
+                (*CASES[1], torch.bfloat16), (*CASES[2], torch.float16), (*CASES[3], torch.float32)]  # fmt: skip
 
 
 @pytest.mark.parametrize("b, n, d, out_dim, layout, drop_cls, has_bias, dtype", DTYPED_CASES)
@@ -161,19 +174,30 @@ def test_placement_gradients_flow_from_the_rows_of_out():
     assert bool((text.grad[rows] == 0).all())  # overwritten rows pass no gradient to the text
 
 
-def test_custom_op_registrations():
-    """torch.library's own consistency checks: schema, fake tensors, autograd registration."""
-    feats, weight, bias = make_inputs(1, 16, 5, 7, True, True, torch.float32)
+@pytest.mark.parametrize("layout", ["sequence", "spatial"])
+def test_custom_ops_pass_opcheck(layout):
+    """torch.library's checks for every op: schema, fake tensors (shapes, dtypes and strides),
+    autograd registration, and AOT dispatch with static and dynamic shapes."""
+    feats, weight, bias = (t.detach() for t in make_inputs(2, 16, 5, 7, True, True, torch.float32))
+    ops = torch.ops.pefomed
+    torch.library.opcheck(ops.grouped_projection.default, (feats, weight, bias, 4, layout, True))
     torch.library.opcheck(
-        torch.ops.pefomed.grouped_projection.default, (feats, weight, bias, 4, "spatial", True),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )  # fmt: skip
-    dy = torch.randn(1, 4, 7, device=DEVICE)
+        ops.grouped_projection.default, (feats.requires_grad_(), weight.requires_grad_(), None, 4, layout, True)
+    )
+    feats, weight = feats.detach(), weight.detach()
+    rows = torch.tensor([0, 2, 4, 6, 9, 11, 13, 15], device=DEVICE)
+    out = torch.randn(17, 7, device=DEVICE)
+    torch.library.opcheck(ops.grouped_projection_place_.default, (feats, weight, bias, out, rows, 4, layout, True))
+    dy = torch.randn(2, 4, 7, device=DEVICE)
+    for needs in ((True, True, True), (False, True, False), (True, False, False)):
+        torch.library.opcheck(
+            ops.grouped_projection_backward.default, (dy, feats, weight, None, 4, layout, True, *needs, torch.float32)
+        )
+    d_out = torch.randn(17, 7, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.pefomed.grouped_projection_backward.default,
-        (dy, feats.detach(), weight.detach(), None, 4, "spatial", True, True, True, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )  # fmt: skip
+        ops.grouped_projection_backward.default,
+        (d_out, feats, weight, rows, 4, layout, True, True, True, True, torch.float32),
+    )
 
 
 def test_compiles_fullgraph_with_gradients():
@@ -267,3 +291,166 @@ def test_bf16_placement_on_gpu():
     untouched = torch.ones(2 * seq, dtype=torch.bool, device="cuda")
     untouched[rows] = False
     assert bool(torch.isnan(buffer[untouched]).all())
+
+
+# --- bf16 with fp32 master weights, strides, sizes, offsets -------------------------------------
+
+
+class _CastLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "aten::_to_copy" and isinstance(args[0], torch.Tensor):
+            self.casts.append((tuple(args[0].shape), args[0].dtype, (kwargs or {}).get("dtype")))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["sequence", "spatial"])
+@pytest.mark.parametrize("placed", [False, True])
+def test_bf16_features_with_fp32_master_weight(layout, placed):
+    """The engine's case: bf16 features, fp32 trainable weight and bias. bf16 dots (checked in
+    float64 with the GPU's bf16 semantics), the weight cast to bf16 once per step (the forward's
+    cast serves d_feats too), dW and dbias in fp32."""
+    feats, weight, bias = make_inputs(2, 36, 24, 40, True, True, torch.bfloat16, weight_dtype=torch.float32)
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    log = _CastLog()
+    with log:
+        if placed:
+            rows = torch.arange(18, device=DEVICE) * 2 + 1
+            y = grouped_projection(feats, weight, bias, layout=layout, out=torch.zeros(40, 40, dtype=torch.bfloat16, device=DEVICE),
+                                   row_index=rows)  # fmt: skip
+            ref = grouped_projection_reference(
+                f64, w64, b64, layout=layout, out=torch.zeros(40, 40, dtype=torch.float64), row_index=rows
+            )
+        else:
+            y = grouped_projection(feats, weight, bias, layout=layout)
+            ref = grouped_projection_reference(f64, w64, b64, layout=layout)
+        dy = torch.randn_like(ref)
+        y.backward(dy.bfloat16())
+    ref.backward(dy)
+    assert y.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    tol = TOLERANCE[torch.bfloat16]
+    assert rel(y, ref) < tol
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        assert rel(got, want) < tol
+    weight_casts = [c for c in log.casts if c[0] == tuple(weight.shape) and c[2] == torch.bfloat16]
+    assert len(weight_casts) == 1, log.casts
+
+
+# Each argument's dimensions -> every non-contiguous layout that applies to it.
+PROJ_ARGS = {"feats": 3, "weight": 2, "bias": 1, "out": 2, "row_index": 1}
+PROJ_LAYOUTS = [
+    (name, layout) for name, ndim in PROJ_ARGS.items() for layout in layouts_for((1,) * ndim) if layout != "contiguous"
+]
+
+
+@pytest.mark.parametrize("name, layout", PROJ_LAYOUTS)
+def test_every_argument_in_every_layout(name, layout):
+    """Each tensor argument (and out, written in place) in each memory layout, with the same values:
+    the output and every gradient match float64, and nothing outside out's view is written."""
+    b, n, d, out_dim, seq = 2, 16, 6, 19, 9
+    feats, weight, bias = make_inputs(b, n, d, out_dim, True, True, torch.float32)
+    rows = torch.tensor([2, 3, 4, 5, seq + 4, seq + 5, seq + 6, seq + 7], device=DEVICE)
+    text = torch.randn(b * seq, out_dim, device=DEVICE)
+    tensors = {"feats": feats, "weight": weight, "bias": bias, "row_index": rows}
+    if name == "out":
+        out = guarded_empty(text.shape, torch.float32, layout, device=DEVICE)
+        out.copy_(text)
+    else:
+        out = text.clone()
+        tensors[name] = as_layout(tensors[name], layout)
+    feats, weight, bias, rows = (tensors[k] for k in ("feats", "weight", "bias", "row_index"))
+    placed = grouped_projection(feats, weight, bias, layout="sequence", out=out, row_index=rows)
+    assert placed.data_ptr() == out.data_ptr()
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    ref = grouped_projection_reference(f64, w64, b64, out=text.double(), row_index=rows)
+    assert rel(placed, ref) < 1e-5
+    dy = torch.randn_like(ref)
+    placed.backward(dy.float())
+    ref.backward(dy)
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        assert rel(got, want) < 1e-5
+    if name == "out":
+        assert_gaps_untouched(out)
+
+
+@pytest.mark.parametrize(
+    "b, d, out_dim, layout",
+    [(1, 1, 17, "sequence"), (3, 17, 1, "spatial"), (2, 33, 67, "sequence"), (1, 3, 129, "spatial")],
+)
+def test_sizes_that_fit_no_block(b, d, out_dim, layout):
+    """Channels, outputs and rows that are not multiples of any tile (1 included)."""
+    n = 16 if layout == "spatial" else 12
+    feats, weight, bias = make_inputs(b, n, d, out_dim, True, True, torch.float32)
+    y = grouped_projection(feats, weight, bias, layout=layout)
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    ref = grouped_projection_reference(f64, w64, b64, layout=layout)
+    assert rel(y, ref) < 1e-5
+    dy = torch.randn_like(ref)
+    y.backward(dy.float())
+    ref.backward(dy)
+    for got, want in ((feats.grad, f64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        assert rel(got, want) < 1e-5
+    assert ODD_SIZES  # the sizes above are drawn from tests/kernels/strided.py's ODD_SIZES
+
+
+def _huge_stride(fill: torch.Tensor) -> torch.Tensor:
+    """`fill`'s values in a view whose dim-0 stride is 2**30 + 1 elements: its third entry lies
+    beyond 2**31, where a 32-bit index product wraps into the untouched (zero) start of the 8 GB
+    virtual buffer. Only the entries written are ever touched."""
+    big = torch.empty(2**32, dtype=fill.dtype)
+    strides = (2**30 + 1, *torch.empty(fill.shape[1:]).stride())
+    view = torch.as_strided(big, fill.shape, strides, 2**31 - 2**20)
+    view.copy_(fill)
+    return view
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the 8 GB virtual buffer is a CPU (interpreter) trick")
+def test_largest_offsets_pass_int32():
+    """feats, out and dY with offsets beyond 2**31 elements: every kernel indexes in 64 bits."""
+    feats, weight, bias = (t.detach() for t in make_inputs(3, 4, 5, 7, True, True, torch.float16))
+    big_feats = _huge_stride(feats)  # 3 images of 1 + 4 tokens: one projected row each
+    rows = torch.tensor([0, 1, 2])
+    out = _huge_stride(torch.zeros(3, 7, dtype=torch.float16))
+    placed = grouped_projection(big_feats, weight, bias, out=out, row_index=rows)
+    ref = grouped_projection_reference(feats.double(), weight.double(), bias.double())
+    assert rel(placed, ref.reshape(3, 7)) < TOLERANCE[torch.float16]
+    dy = torch.randn(3, 7, dtype=torch.float16)
+    d_feats, d_weight, d_bias = vp_mod.projection_backward(
+        _huge_stride(dy), big_feats, weight, rows, 4, "sequence", True, True, True, True
+    )
+    f64, w64, b64 = float64_twins(feats, weight, bias)
+    grouped_projection_reference(f64, w64, b64).reshape(3, 7).backward(dy.double())
+    for got, want in ((d_feats, f64.grad), (d_weight, w64.grad), (d_bias, b64.grad)):
+        assert rel(got, want) < TOLERANCE[torch.float16]
+
+
+def test_connector_project_into_through_the_engine_ops():
+    """models.connectors.GroupedProjection with engine.ops.kernel_ops("triton"): project_into places
+    the tokens at the image placeholders as the plain PyTorch connector does, gradients included."""
+    from pefomed.engine.ops import kernel_ops
+    from pefomed.models.connectors import GroupedProjection
+
+    torch.manual_seed(0)
+    connectors = {
+        kernels: GroupedProjection(6, 19, projection=kernel_ops(kernels, DEVICE).grouped_projection).to(DEVICE)
+        for kernels in ("torch", "triton")
+    }
+    connectors["triton"].load_state_dict(connectors["torch"].state_dict())
+    feats = torch.randn(2, 17, 6, device=DEVICE)
+    embeds = torch.randn(2, 9, 19, device=DEVICE)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[0, 2:6] = True
+    mask[1, 5:9] = True
+    outs = {}
+    for kernels, module in connectors.items():
+        f = feats.clone().requires_grad_()
+        out = module.project_into(f, embeds, mask)
+        dy = torch.ones_like(out).cumsum(-1)
+        out.backward(dy)
+        outs[kernels] = (out.detach(), f.grad, module.llama_proj.weight.grad, module.llama_proj.bias.grad)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        assert rel(got, want.double()) < 1e-5
+    assert torch.equal(outs["triton"][0][~mask], embeds[~mask])  # text positions untouched
