@@ -144,6 +144,9 @@ def test_qlora_model_equals_dequantized_reference_through_both_paths():
         assert grads_d[name].norm() > 1e-3, name
         assert rel(grads_q[name], grads_d[name]) < BOUND, name
         assert rel(grads_f[name], grads_d[name]) < BOUND, name
-    # The NF4 rounding is visible at this bound: the full-precision weights give another loss.
-    loss_full, _ = loss_and_grads(build_model(tiny_config("torch"), DEVICE, ops=torch_ops_with_kernel_masks()), seed=3)
-    assert rel(loss_full, loss_d) > 1e3 * BOUND
+    # The NF4 rounding is visible at this bound: the same model and adapters with the
+    # full-precision weights give another loss.
+    full = build_model(tiny_config("torch"), DEVICE, ops=torch_ops_with_kernel_masks())
+    set_adapters(full)
+    loss_full, _ = loss_and_grads(full, seed=3)
+    assert rel(loss_full, loss_d) > 10 * BOUND
