@@ -310,6 +310,19 @@ def _lora_cases(bench: Bench, weight: torch.Tensor, m: int, ranks) -> None:
             reference=lambda a=lora_a, b=lora_b, f=ours64: reference_fwd_bwd(f, [x, a, b], dy),
             tol=tol, flops=flops, nbytes=nbytes, baseline=base,
         )  # fmt: skip
+        if device.type == "cuda":
+            # Both base-GEMM routes, so that the `auto` rule (cuBLAS on sm_90+, Triton on sm_8x)
+            # is checked against measurements on the GPU at hand.
+            for route in ("triton", "cublas"):
+                def routed(a: torch.Tensor = lora_a, b: torch.Tensor = lora_b, route: str = route) -> torch.Tensor:
+                    return lora_linear(x, weight, a, b, scaling, dropout_p=LORA_DROPOUT, training=True,
+                                       seed=LORA_SEED, base_gemm=route)
+
+                bench.case(
+                    "lora", f"lora_linear[{route}] {name}", [m, k, n], fwd_bwd(routed, [x, lora_a, lora_b], dy),
+                    reference=lambda a=lora_a, b=lora_b, f=ours64: reference_fwd_bwd(f, [x, a, b], dy),
+                    tol=tol, flops=flops, nbytes=nbytes, baseline=base,
+                )  # fmt: skip
         layer = _peft_layer(weight, lora_a, lora_b, scaling)
         if layer is None:
             bench.note("lora", f"PEFT lora.Linear {name}", [m, k, n], "peft unavailable")
@@ -354,7 +367,7 @@ def bench_nf4(bench: Bench, dtype: torch.dtype, shapes, m_values) -> None:
 
 def _nf4_cases(bench: Bench, weight: torch.Tensor, m_values, bnb) -> None:
     """Dequantization vs bitsandbytes, then the NF4 matmul vs the dense one and bitsandbytes' for each M."""
-    from pefomed.kernels.nf4 import dequantize_nf4, nf4_linear, to_nf4
+    from pefomed.kernels.nf4 import clear_dequant_cache, dequantize_nf4, nf4_linear, to_nf4
 
     n, k = weight.shape
     dtype = weight.dtype
@@ -393,8 +406,14 @@ def _nf4_cases(bench: Bench, weight: torch.Tensor, m_values, bnb) -> None:
             reference=lambda x=x: x.double() @ weight.double().T, tol=TOL[dtype],
             flops=flops, nbytes=io + weight.numel() * weight.element_size(),
         )  # fmt: skip
+        def ours(x=x):
+            # Each call pays the dequantization a step's next layer would: the one-weight cache
+            # that lets a backward reuse its forward's dequantized weight is emptied first.
+            clear_dequant_cache(keep_buffers=True)
+            return nf4_linear(x, q)
+
         row = bench.case(
-            "nf4", "nf4_linear", [m, k, n], lambda x=x: nf4_linear(x, q), reference=ref_q, tol=TOL[dtype],
+            "nf4", "nf4_linear", [m, k, n], ours, reference=ref_q, tol=TOL[dtype],
             flops=flops, nbytes=io + packed_bytes, baseline=dense,
         )  # fmt: skip
         if _ratio(row, dense) is not None:
