@@ -26,9 +26,24 @@ FSDP2 shards dim 0 as `torch.chunk` does (ceil(n / world) rows per rank, the las
 none), which is the row range each rank reads. Buffers are not sharded: non-persistent ones are
 recomputed (`reset_buffers`), persistent ones read whole.
 
-Not covered, and built whole on every rank before `fully_shard` instead (logged): QLoRA
-(`model.quantize_llm: nf4`, whose NF4 weights cannot be created on the meta device and filled by
-rows yet, see `kernels.nf4`) and `model.arch: idefics2`.
+QLoRA (`model.quantize_llm: nf4`): every frozen weight that the whole build quantizes is an
+`NF4Tensor` on the meta device too (`quantize_on_meta`, through the modules' own `convert_loaded`
+hook), so FSDP2 cuts it as it cuts the whole build's (`torch.chunk` along dim 0, in whole
+quantization blocks, see `kernels.nf4._split`) and `to_empty` gives each rank NF4 storage for its
+rows only. Each rank then reads only its rows of the dense weight, a bounded block of rows at a
+time, and quantizes them (`quantize_rows`: the 64-value blocks' codes and absmax depend on their
+own values only). Double quantization is not local: its offset is the mean of the whole weight's
+absmax and its 8-bit codes come in groups of 256 blocks that may straddle ranks, so the ranks
+all-gather the absmax vector (1/64 of the weight's elements, in fp32) and each double-quantizes
+all of it as `to_nf4` does (`nf4_shard`). The shard is cut from that weight with `torch.chunk`, as
+FSDP2 cuts the whole build's: the same packed codes, absmax and nested state, bit for bit. No rank
+reads another rank's rows or holds a dense weight: the transient memory is one block of rows. A
+random-init QLoRA model is quantized whole by rank 0, which sends each NF4 weight's codes and state
+as they are.
+
+`model.arch: idefics2` follows the same steps: its one Hugging Face folder (SigLIP, connector, text
+model, head) is read row range by row range under the names `llm.*`, and its adapters (text model
+and connector) are drawn as `build_idefics2` draws them.
 """
 
 from __future__ import annotations
@@ -49,9 +64,10 @@ from torch import nn
 
 from pefomed.engine import distributed
 from pefomed.engine.build import DTYPES, build_connector, build_model, build_vision
-from pefomed.engine.config import Config
+from pefomed.engine.config import Config, ConfigError
 from pefomed.engine.lora import PEFT_PREFIX, LoRALinear, adapter_modules
 from pefomed.engine.ops import kernel_ops
+from pefomed.kernels.nf4 import NF4Tensor, _quantize_blockwise_8bit, dynamic_map_signed, to_nf4
 from pefomed.models import vit
 from pefomed.models.loading import CheckpointError, checkpoint_files, iter_state_dict
 
@@ -59,15 +75,17 @@ logger = logging.getLogger(__name__)
 
 WRAPPED = "_checkpoint_wrapped_module."
 READ_BLOCK_BYTES = 16 * 2**20  # rows read per block (counted at 4 bytes an element)
+# Rows quantized per block: quantizing holds a few fp32 temporaries of the block, so a smaller one.
+NF4_BLOCK_BYTES = 4 * 2**20
 Reader = Callable[[int, int], torch.Tensor]  # (start row, stop row) -> those rows of the full tensor
 
 
 def supports_sharded_loading(cfg: Config) -> str | None:
     """None when `build_sharded_model` can build `cfg`; otherwise why not."""
-    if getattr(cfg.model, "arch", "minigptv2") not in ("minigptv2", "llava"):
+    if getattr(cfg.model, "arch", "minigptv2") not in ("minigptv2", "llava", "idefics2"):
         return f"model.arch={cfg.model.arch}"
-    if cfg.model.quantize_llm != "none":
-        return f"model.quantize_llm={cfg.model.quantize_llm} (NF4 weights are not created on the meta device yet)"
+    if cfg.model.quantize_llm not in ("none", "nf4"):
+        return f"model.quantize_llm={cfg.model.quantize_llm}"
     return None
 
 
@@ -82,8 +100,11 @@ class ShardedTargets:
     """The sharded model's parameters and buffers by their checkpoint names (wrappers stripped,
     tied names aliased), and which of them have been filled."""
 
-    def __init__(self, model: nn.Module, env: distributed.DistEnv, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, env: distributed.DistEnv, dtype: torch.dtype, nf4: dict[str, NF4Tensor] | None = None
+    ) -> None:
         self.env, self.dtype = env, dtype
+        self.nf4 = nf4 or {}  # the whole NF4 weights on meta, by name: their layout (`quantize_on_meta`)
         # The adapters in build_model's order (`init_fresh_adapters`), and how each is initialized.
         self.adapters = [(name.replace(WRAPPED, ""), module.init) for name, module in adapter_modules(model)]
         self.tensors: dict[str, torch.Tensor] = {}
@@ -133,7 +154,9 @@ class ShardedTargets:
                 "builds; check the model config against the checkpoint"
             )
         local, start, stop = self.local_rows(name)
-        if local.ndim == 0:
+        if canonical in self.nf4:
+            self._fill_nf4(canonical, read, local, start, stop)
+        elif local.ndim == 0:
             local.copy_(self._as_built(read(0, 0), local).reshape(()))
         else:
             # A bounded block of rows at a time: the transient memory is one block, not a tensor.
@@ -142,6 +165,22 @@ class ShardedTargets:
                 b = min(a + step, stop)
                 local[a - start : b - start].copy_(self._as_built(read(a, b), local))
         self.filled.add(canonical)
+
+    def _fill_nf4(self, name: str, read: Reader, local: NF4Tensor, start: int, stop: int) -> None:
+        """This rank's NF4 shard of `name`: its rows quantized here, the double quantization over
+        the whole weight's absmax (all-gathered), cut as FSDP2 cuts the whole build's weight."""
+        layout = self.nf4[name]
+        own = quantize_rows(read, layout, start, stop, local.device)
+        mesh = self.tensors[name].device_mesh if hasattr(self.tensors[name], "device_mesh") else None
+        world, rank = (mesh.size(), mesh.get_local_rank()) if mesh is not None else (1, 0)
+        absmax = None
+        if layout.nested:
+            absmax = own.absmax
+            if world > 1:  # every rank holds as many blocks (`check_nf4_sharding`)
+                parts = [torch.empty_like(absmax) for _ in range(world)]
+                dist.all_gather(parts, absmax.contiguous(), group=mesh.get_group())
+                absmax = torch.cat(parts)
+        local.copy_(nf4_shard(layout, own, absmax, start, world, rank))
 
     def _as_built(self, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """build_model casts every part to model.dtype before it lifts the trained ones to fp32;
@@ -156,6 +195,111 @@ class ShardedTargets:
             n for n in self.tensors
             if n.startswith(prefix) and n not in self.filled and n not in self.non_persistent
         ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- NF4 (QLoRA)
+
+
+def quantize_on_meta(model: nn.Module) -> dict[str, NF4Tensor]:
+    """Store every weight that the whole build quantizes as an `NF4Tensor` on the meta device.
+
+    A layer built on meta holds its frozen weight dense (nothing to quantize yet); the whole
+    build quantizes it when the loader assigns it, through the layer's `convert_loaded` hook. The
+    same hook applied to the meta weight gives the layout the whole build ends with (blocksize,
+    double quantization, dtype), so that `fully_shard` and `to_empty` give each rank NF4 storage
+    for exactly the shard FSDP2 cuts from the whole build's weight. Returns those weights by name.
+    """
+    quantized: dict[str, NF4Tensor] = {}
+    for prefix, module in model.named_modules():
+        convert = getattr(module, "convert_loaded", None)
+        if convert is None:
+            continue
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            stored = convert(leaf, param.detach())
+            if isinstance(stored, NF4Tensor):
+                setattr(module, leaf, nn.Parameter(stored, requires_grad=False))
+                quantized[f"{prefix}.{leaf}" if prefix else leaf] = stored
+    return quantized
+
+
+def check_nf4_sharding(quantized: dict[str, NF4Tensor], world_size: int) -> None:
+    """FSDP2 shards an NF4 weight by whole rows that are whole quantization blocks, evenly (an NF4
+    shard cannot be padded, see `NF4Tensor.fsdp_pre_all_gather`): say so before anything is read."""
+    for name, q in quantized.items():
+        rows = q.shape[0]
+        row = q.numel() // rows
+        if rows % world_size or (rows // world_size * row) % q.blocksize:
+            raise ConfigError(
+                f"train.strategy=fsdp2 with model.quantize_llm=nf4 on {world_size} ranks: {name} {list(q.shape)} "
+                f"cannot be cut into {world_size} equal shards of whole {q.blocksize}-value NF4 blocks "
+                f"({rows} rows of {row}); run on a number of ranks that divides {rows} (and leaves shards of "
+                f"a multiple of {q.blocksize} values), or use train.strategy=ddp"
+            )
+
+
+def quantize_rows(read: Reader, layout: NF4Tensor, start: int, stop: int, device: torch.device) -> NF4Tensor:
+    """Rows [start, stop) of the weight `layout` describes, NF4-quantized without double
+    quantization, a bounded block of rows at a time.
+
+    Each `blocksize`-value block's absmax and codes depend on its own values only, and every
+    block of rows here starts on a block boundary (`start * row` does, `check_nf4_sharding`), so
+    these are exactly the codes and absmax of those rows in `to_nf4(whole weight)`. The rows are
+    rounded to the weight's dtype first, as the whole build's loader does before `convert_loaded`.
+    """
+    row = layout.numel() // layout.shape[0]
+    step = max(1, NF4_BLOCK_BYTES // max(row * 4, 1))
+    whole_blocks = layout.blocksize // math.gcd(row, layout.blocksize)  # rows that end on a block boundary
+    step = max(whole_blocks, step - step % whole_blocks)
+    packed, absmax = [], []
+    for a in range(start, stop, step):
+        b = min(a + step, stop)
+        rows = read(a, b).to(device).to(layout.dtype)
+        q = to_nf4(rows, layout.blocksize, double_quant=False)
+        packed.append(q.packed)
+        absmax.append(q.absmax)
+        del rows, q
+    shape = (stop - start, *layout.shape[1:])  # never empty: every rank holds rows (`check_nf4_sharding`)
+    return NF4Tensor(torch.cat(packed), torch.cat(absmax), shape, layout.dtype, layout.blocksize)
+
+
+def nf4_shard(
+    layout: NF4Tensor, own: NF4Tensor, absmax: torch.Tensor | None, start: int, world: int, rank: int
+) -> NF4Tensor:
+    """This rank's FSDP2 shard of the NF4 weight, from its own rows' codes (`quantize_rows`).
+
+    `absmax` is the whole weight's plain absmax (every rank's, in rank order) when the weight is
+    double-quantized, None otherwise. It is double-quantized here exactly as `to_nf4` does it
+    (offset = its mean, 8-bit codes per 256 blocks, on this device); the whole weight is then
+    assembled with only this rank's packed codes written, and cut with `torch.chunk` as FSDP2 cuts
+    a parameter, so the shard keeps the nested state or carries plain fp32 absmax exactly as the
+    whole build's shard does (`kernels.nf4._split`). The other ranks' codes are never written
+    here: their pieces are cut too and dropped.
+    """
+    device = own.packed.device
+    n, bs = layout.numel(), layout.blocksize
+    first = start * (n // layout.shape[0])  # on a block boundary, so on a byte boundary
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    packed[first // 2 : first // 2 + own.packed.shape[0]] = own.packed
+    nested: dict[str, torch.Tensor | None] = {"offset": None, "nested_absmax": None, "nested_code": None}
+    if layout.nested:
+        if absmax is None or absmax.numel() != -(n // -bs):
+            raise ValueError(f"nf4_shard: double quantization needs the whole weight's {-(n // -bs)} absmax values")
+        # `to_nf4`'s own double quantizer on the whole absmax: the same function, so the same codes
+        # (tests/engine/test_fsdp_sharded_loading.py pins the shards against `to_nf4`'s).
+        offset = absmax.mean()
+        code = dynamic_map_signed().to(device)
+        absmax, nested_absmax = _quantize_blockwise_8bit(absmax - offset, code, layout.nested_blocksize)
+        nested = {"offset": offset, "nested_absmax": nested_absmax, "nested_code": code}
+    else:
+        blocks = own.absmax
+        absmax = torch.empty(-(n // -bs), dtype=torch.float32, device=device)
+        absmax[first // bs : first // bs + blocks.numel()] = blocks
+    whole = NF4Tensor(
+        packed, absmax, layout.shape, layout.dtype, bs, nested_blocksize=layout.nested_blocksize, **nested
+    )
+    return torch.chunk(whole, world, dim=0)[rank]
 
 
 # ---------------------------------------------------------------- sources
@@ -231,12 +375,16 @@ def build_sharded_model(cfg: Config, env: distributed.DistEnv, *, activation_che
     ops = kernel_ops(cfg.model.kernels, env.device)
     model = build_model(cfg, "meta", ops=ops)
     widths = (model.vit.config.hidden_size, model.llm.config.hidden_size)
+    quantized = quantize_on_meta(model)
+    if quantized:
+        check_nf4_sharding(quantized, env.world_size)
+        logger.info("QLoRA: %d NF4 weights, each rank quantizes its own rows", len(quantized))
     if activation_checkpointing:
         n = distributed.apply_activation_checkpointing(model)
         logger.info("activation checkpointing: %d blocks recompute their activations in backward", n)
     distributed.fully_shard_model(model, env, dtype)
     model.to_empty(device=env.device)
-    targets = ShardedTargets(model, env, dtype)
+    targets = ShardedTargets(model, env, dtype, quantized)
     if cfg.model.random_init:
         _fill_from_rank0(cfg, env, targets, ops)
     else:
@@ -254,13 +402,22 @@ def build_sharded_model(cfg: Config, env: distributed.DistEnv, *, activation_che
 def _fill_from_rank0(cfg: Config, env: distributed.DistEnv, targets: ShardedTargets, ops) -> None:
     """A random model: rank 0 builds it whole; one broadcast per tensor, each rank keeps its rows."""
     full = dict(_named_tensors(build_model(cfg, env.device, ops=ops))) if env.is_main else {}
+    broadcast = dist.is_initialized() and dist.get_world_size() > 1
     for name in sorted(targets.tensors):
         if name in targets.non_persistent:
             continue
         shape, t = targets.shape(name), targets.tensors[name]
         local = t.to_local() if hasattr(t, "to_local") else t
+        if name in targets.nf4:
+            # The whole NF4 weight as rank 0 quantized it: its codes and state, sent as they are.
+            box = full[name] if env.is_main else torch.empty_like(targets.nf4[name], device=env.device)
+            for inner in box.__tensor_flatten__()[0] if broadcast else ():
+                dist.broadcast(getattr(box, inner), src=0)
+            local.copy_(torch.chunk(box, t.device_mesh.size(), dim=0)[t.device_mesh.get_local_rank()])
+            targets.filled.add(name)
+            continue
         box = full[name].to(local.dtype) if env.is_main else torch.empty(shape, dtype=local.dtype, device=env.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if broadcast:
             dist.broadcast(box, src=0)
         targets.fill(name, whole(box), shape, "rank 0's random init")
 
@@ -289,6 +446,11 @@ def _fill_from_files(
     if missing:
         raise CheckpointError(f"{m.llm}: missing from the checkpoint: {missing[:8]}; check that it matches model.llm")
     _init_adapters(targets, device, dtype)
+    if m.arch == "idefics2":
+        # One folder holds SigLIP, the connector and the text model (all under `llm.`, read above);
+        # the connector trains through its adapters only, so nothing else is drawn.
+        _start_from(cfg, targets)
+        return
     if m.vision_checkpoint:
         tower = build_vision(cfg, torch.device("meta"), ops)  # shapes and config, for the layout's checks
         converted = vit.LAYOUTS[m.vision_layout](iter_state_dict(m.vision_checkpoint))
@@ -303,6 +465,12 @@ def _fill_from_files(
     for prefix, module in (("ln_vision.", ln_vision), ("connector.", connector)):
         for name, t in _named_tensors(module) if module is not None else ():
             targets.fill(prefix + name, whole(t), tuple(t.shape), "the connector's init")
+    _start_from(cfg, targets)
+
+
+def _start_from(cfg: Config, targets: ShardedTargets) -> None:
+    """`model.projection_checkpoint` and `model.adapter_checkpoint` over the fresh init, by rows."""
+    m = cfg.model
     if m.projection_checkpoint:
         _overwrite(targets, "connector.", iter_state_dict(m.projection_checkpoint), m.projection_checkpoint,
                    rename=lambda k: k.removeprefix("model.") if k.startswith("model.mm_projector.") else k)  # fmt: skip
