@@ -1,7 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's on-disk caches key a graph by its code, not by a custom op's fake implementation, so
+# a cache left by an earlier version of a kernel's op can replay that version's output strides.
+# Each session compiles into its own folder (subprocesses inherit it).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pefomed-inductor-"))
 
 # The Triton interpreter must be chosen before triton is imported anywhere.
 if not torch.cuda.is_available():

@@ -76,6 +76,8 @@ class OpLog(TorchDispatchMode):
 PEFOMED_OPS = {
     "pefomed::lora_linear_forward", "pefomed::lora_linear_backward",
     "pefomed::grouped_projection_place_", "pefomed::grouped_projection_backward",
+    "pefomed::rms_norm", "pefomed::rms_norm_backward", "pefomed::swiglu", "pefomed::swiglu_backward",
+    "pefomed::rope", "pefomed::rope_backward",
 }  # fmt: skip
 
 

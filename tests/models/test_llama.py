@@ -297,8 +297,9 @@ def reference_attention(q, k, v, causal):
 def fake_flash_attn(calls):
     module = types.ModuleType("flash_attn")
 
-    def flash_attn_func(q, k, v, causal=False):
+    def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
         calls.append((tuple(q.shape), tuple(k.shape), causal))
+        assert window_size == (-1, -1)  # no sliding window in this model
         return reference_attention(q, k, v, causal)
 
     module.flash_attn_func = flash_attn_func
@@ -312,8 +313,13 @@ def fake_xformers_ops(calls):
         pass
 
     def memory_efficient_attention(q, k, v, attn_bias=None):
-        calls.append((tuple(q.shape), tuple(k.shape), attn_bias is not None))
-        return reference_attention(q, k, v, isinstance(attn_bias, LowerTriangularMask))
+        # GQA as xformers takes it: [B, M, G, H/G, D] with k/v broadcast (stride 0) over each group.
+        assert q.dim() == 5 and k.stride(3) == 0 and v.stride(3) == 0
+        b, m, g, hg, d = q.shape
+        calls.append(((b, m, g * hg, d), (b, k.shape[1], g, d), attn_bias is not None))
+        out = reference_attention(q.reshape(b, m, g * hg, d), k[:, :, :, 0], v[:, :, :, 0],
+                                  isinstance(attn_bias, LowerTriangularMask))  # fmt: skip
+        return out.reshape(b, m, g, hg, d)
 
     module.LowerTriangularMask = LowerTriangularMask
     module.memory_efficient_attention = memory_efficient_attention
@@ -325,11 +331,10 @@ def test_optional_backends_get_the_layout_they_expect(tmp_path, monkeypatch, bac
     calls = []
     if backend == "flash_attention_2":
         monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(calls))
-        kv_heads = 2  # flash-attn takes GQA as it is
     else:
         monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
         monkeypatch.setitem(sys.modules, "xformers.ops", fake_xformers_ops(calls))
-        kv_heads = 4  # xformers gets the heads repeated
+    kv_heads = 2  # both take GQA's 2 key/value heads for 4 query heads as they are
     hf = save_hf(tmp_path, "llama3-gqa-rope-scaling")
     ours = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=backend).eval()
     ids = torch.randint(0, VOCAB, (2, 7))
