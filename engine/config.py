@@ -128,6 +128,8 @@ class DataConfig:
     # Synthetic demo data is generated here when missing (kind: synthetic).
     synthetic_train: int = 2000
     synthetic_test: int = 300
+    # Which generator (engine.data.synthetic.FAMILIES) writes it: radiology, or shapes.
+    synthetic_family: Literal["radiology", "shapes"] = "radiology"
 
 
 @dataclass

@@ -19,11 +19,17 @@ picks the "any image" group or the "about the lesion" group with equal probabili
 lesion slots of a lesion-free image are dropped, so the image-level questions see images with
 and without lesions in their natural 3:1 ratio.
 
+A second family, `shapes` (`engine.data.synthetic_shapes`), is made differently: coloured
+circles, squares and triangles at random places, asked about by colour, shape, place and number.
+A recipe that learns from the images must learn on both without being tuned to either.
+
 Written in the VQA-RAD format (`trainset.json`, `testset.json`, `images/`) and PeFoMed's
-caption format (`captions_train.json`, `captions_test.json`: `[{"image", "caption"}]`). The
-generator keeps no global state: the same arguments give byte-identical files.
+caption format (`captions_train.json`, `captions_test.json`: `[{"image", "caption"}]`), with
+`dataset.json` recording the family and the arguments. The generator keeps no global state: the
+same arguments give byte-identical files.
 
     python -m pefomed.engine.data.synthetic --out data/demo --n-train 2000 --n-test 300 --image-size 64 --seed 0
+    python -m pefomed.engine.data.synthetic --family shapes --out data/demo-shapes
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pefomed.engine.data import synthetic_shapes
 from pefomed.engine.data.prompts import (
     CAPTION_INSTRUCTIONS,
     EXPERT_PREFIX,
@@ -46,10 +53,13 @@ from pefomed.engine.data.prompts import (
     VQA_INSTRUCTIONS,
     WRAPPER,
 )
+from pefomed.engine.data.readers import DataError
 from pefomed.errors import run_cli
 
 logger = logging.getLogger("pefomed.engine.data.synthetic")  # also when run as __main__
 
+FAMILIES = ("radiology", "shapes")
+DATASET_FILE = "dataset.json"  # what a generated folder holds: family and arguments
 SLOTS_PER_IMAGE = 3
 SIDES = ("left", "right")
 SIZES = ("small", "large")
@@ -198,8 +208,14 @@ def caption(f: Finding) -> str:
     return f"{kind} with {COUNT_WORDS[f.count]} {f.size} lesions in the {f.place}."
 
 
-def generate_split(out: Path, split: str, n_questions: int, size: int, seed: int) -> tuple[list[dict], list[dict]]:
+def generate_split(out: Path, split: str, n_questions: int, size: int, seed: int,
+                   family: str = "radiology") -> tuple[list[dict], list[dict]]:
     """Images of one split written to `out/images`; returns (VQA-RAD items, caption items)."""
+    if family == "shapes":
+        def save(name: str, pixels: np.ndarray) -> None:
+            Image.fromarray(pixels, mode="RGB").save(out / "images" / name)
+
+        return synthetic_shapes.generate_split(split, n_questions, size, seed, save)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     items: list[dict] = []
     captions: list[dict] = []
@@ -223,8 +239,11 @@ def generate_split(out: Path, split: str, n_questions: int, size: int, seed: int
     return items, captions
 
 
-def generate(out: str | Path, n_train: int = 2000, n_test: int = 300, image_size: int = 64, seed: int = 0) -> Path:
-    """Write the dataset to `out`: n_train / n_test questions (about 2.6 per image)."""
+def generate(out: str | Path, n_train: int = 2000, n_test: int = 300, image_size: int = 64, seed: int = 0,
+             family: str = "radiology") -> Path:
+    """Write the dataset of `family` to `out`: n_train / n_test questions (2.6 or 3 per image)."""
+    if family not in FAMILIES:
+        raise ValueError(f"synthetic family {family!r}: expected one of {', '.join(FAMILIES)}")
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train={n_train}, n_test={n_test}: both splits need at least one question")
     if image_size < 16:
@@ -232,10 +251,33 @@ def generate(out: str | Path, n_train: int = 2000, n_test: int = 300, image_size
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        items, caps = generate_split(out, split, n, image_size, seed)
+        items, caps = generate_split(out, split, n, image_size, seed, family)
         (out / f"{split}set.json").write_text(json.dumps(items, indent=1) + "\n")
         (out / f"captions_{split}.json").write_text(json.dumps(caps, indent=1) + "\n")
+    args = {"family": family, "n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": seed}
+    (out / DATASET_FILE).write_text(json.dumps(args, indent=1) + "\n")
     return out
+
+
+def generated_family(root: str | Path) -> str | None:
+    """The family a generated folder holds (radiology for one written before families existed);
+    None when nothing was generated there."""
+    root = Path(root)
+    if not (root / "testset.json").exists():
+        return None
+    marker = root / DATASET_FILE
+    return json.loads(marker.read_text())["family"] if marker.exists() else "radiology"
+
+
+def ensure_family(root: str | Path, family: str, **kwargs) -> Path:
+    """Generate `family` into `root` unless it is there; another family there is an error."""
+    found = generated_family(root)
+    if found is None:
+        return generate(root, family=family, **kwargs)
+    if found != family:
+        raise DataError(f"{root}: holds the synthetic {found} family, not {family} (see {Path(root) / DATASET_FILE}); "
+                        "delete the folder or give the dataset another path")
+    return Path(root)
 
 
 def corpus(root: str | Path) -> list[str]:
@@ -258,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=300, help="test questions")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="radiology")
     args = parser.parse_args(argv)
-    generate(args.out, args.n_train, args.n_test, args.image_size, args.seed)
+    generate(args.out, args.n_train, args.n_test, args.image_size, args.seed, args.family)
     logger.info("wrote %s: trainset.json (%d), testset.json (%d), captions_*.json, images/",
                 args.out, args.n_train, args.n_test)
 

@@ -224,15 +224,20 @@ def test_deepspeed_stage_without_deepspeed_is_refused():
 def test_prompt_templates_are_checked_against_the_prompt_module():
     from pefomed.engine.data.prompts import TEMPLATES, build_prompt
 
-    assert set(TEMPLATES) == {"minigptv2", "expert", "short"}
-    for template in TEMPLATES:  # every accepted name builds a prompt
+    assert set(TEMPLATES) == {"minigptv2", "expert", "short", "smollm2"}
+    for template in TEMPLATES:  # every accepted name builds a prompt, in its model's chat format
         cfg = load_config(None, [f"data.template={template}", f"eval.prompt={template}"])
-        assert build_prompt("vqa", "is it?", cfg.data.template).endswith("is it? [/INST]")
+        prompt = build_prompt("vqa", "is it?", cfg.data.template)
+        if template == "smollm2":
+            assert prompt.endswith("is it?\nAnswer the question using a single word or phrase.<|im_end|>\n"
+                                   "<|im_start|>assistant\n")
+        else:
+            assert prompt.endswith("is it? [/INST]")
     for key in ("data.template", "eval.prompt"):
         with pytest.raises(ConfigError) as err:
             load_config(None, [f"{key}=minigpt2"])
         assert str(err.value) == (f"override '{key}=minigpt2': {key}='minigpt2' is not one of: minigptv2, expert, "
-                                  "short; did you mean 'minigptv2'?")
+                                  "short, smollm2; did you mean 'minigptv2'?")
 
 
 def test_dataset_kinds_and_splits_are_checked_against_the_readers():
