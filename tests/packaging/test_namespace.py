@@ -134,3 +134,17 @@ def test_unknown_command_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([pefomed, "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown command 'trian'")
+
+
+def test_python_dash_m_inside_the_checkout_does_not_shadow_pypi_packages():
+    """`python -m pefomed.<module>` from the checkout's root: `import kernels` is not our folder."""
+    code = [sys.executable, "-m", "pefomed.engine.fetch", "--help"]
+    assert subprocess.run(code, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    probe = ("import pefomed, importlib.util; "
+             "spec = importlib.util.find_spec('kernels'); "
+             f"assert spec is None or not spec.origin.startswith({str(ROOT)!r}), spec.origin; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
