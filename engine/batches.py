@@ -22,6 +22,11 @@ and prefetches `prefetch_factor` samples per worker). Batching, refill and `posi
 this process and count consumed samples only, so the batches, their order and the resume
 position are exactly those of `num_workers=0`. The workers' seed comes from a generator of
 their own: starting them does not draw from the global RNG that dropout uses.
+
+Each item is read as drawn in its epoch of the stream: a dataset with `set_epoch` (random
+augmentation, prompt variants) is told the epoch before the item is read, in the workers too
+(they hold copies of the dataset), so epoch e + 1 draws other crops and prompts than epoch e,
+and a resumed run draws the same ones again.
 """
 
 from __future__ import annotations
@@ -44,16 +49,35 @@ def _as_is(item):
     return item
 
 
-class _PositionIndices(torch.utils.data.Sampler[int]):
-    """The dataset index at each position from `start` on, endlessly (for the DataLoader)."""
+class _PositionIndices(torch.utils.data.Sampler[tuple[int, int]]):
+    """`(dataset index, epoch)` at each position from `start` on, endlessly (for the DataLoader)."""
 
-    def __init__(self, index_at: Callable[[int, dict], int], start: int) -> None:
-        self.index_at, self.start = index_at, start
+    def __init__(self, draw_at: Callable[[int, dict], tuple[int, int]], start: int) -> None:
+        self.draw_at, self.start = draw_at, start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         cache: dict[int, torch.Tensor] = {}
         for position in itertools.count(self.start):
-            yield self.index_at(position, cache)
+            yield self.draw_at(position, cache)
+
+
+class _InEpoch(torch.utils.data.Dataset):
+    """`dataset[(index, epoch)]`: the item as its epoch draws it (`set_epoch` first, when it has one)."""
+
+    def __init__(self, dataset: Sequence) -> None:
+        self.dataset = dataset
+        self.set_epoch = getattr(dataset, "set_epoch", None)
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        if self.set_epoch is not None and epoch != self.epoch:
+            self.set_epoch(epoch)
+            self.epoch = epoch
+        return self.dataset[index]
 
 
 class MicroBatches:
@@ -91,6 +115,10 @@ class MicroBatches:
 
     def index_at(self, position: int, order_cache: dict[int, torch.Tensor] | None = None) -> int:
         """The dataset index that this rank draws at `position` (pass a dict to reuse the epoch's order)."""
+        return self.draw_at(position, order_cache)[0]
+
+    def draw_at(self, position: int, order_cache: dict[int, torch.Tensor] | None = None) -> tuple[int, int]:
+        """`(dataset index, epoch)` of this rank's draw at `position`."""
         order_cache = {} if order_cache is None else order_cache
         epoch, offset = divmod(position * self.world_size + self.rank, len(self.dataset))
         if epoch not in order_cache:
@@ -100,18 +128,19 @@ class MicroBatches:
                 order_cache[epoch] = torch.randperm(len(self.dataset), generator=g)
             else:
                 order_cache[epoch] = torch.arange(len(self.dataset))
-        return int(order_cache[epoch][offset])
+        return int(order_cache[epoch][offset]), epoch
 
     def _items(self, start: int) -> Iterator[dict]:
         """The dataset's items at positions start, start + 1, ... in order."""
+        in_epoch = _InEpoch(self.dataset)
         if self.num_workers == 0:
             cache: dict[int, torch.Tensor] = {}
             for position in itertools.count(start):
-                yield self.dataset[self.index_at(position, cache)]
+                yield in_epoch[self.draw_at(position, cache)]
         loader = torch.utils.data.DataLoader(
-            self.dataset,
+            in_epoch,
             batch_size=None,
-            sampler=_PositionIndices(self.index_at, start),
+            sampler=_PositionIndices(self.draw_at, start),
             num_workers=self.num_workers,
             collate_fn=_as_is,
             prefetch_factor=self.prefetch_factor,

@@ -159,3 +159,40 @@ def test_workers_resume_from_a_mid_run_position(image_data):
     resumed.skip_to(first.position)
     tail, _ = draw(resumed, 7)
     assert_same_batches(head + tail, want)
+
+
+# --- epochs: a dataset with set_epoch draws each item as its epoch does -------------------------
+
+
+class EpochTagged(torch.utils.data.Dataset):
+    """Items carry the epoch the dataset was set to when they were read (as an augmentation seed)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "epoch": self.epoch}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_item_is_read_in_its_own_epoch(num_workers, rank):
+    n, micro, world = 6, 2, 2
+    batches = MicroBatches(EpochTagged(n), lambda items: {"items": items}, micro_batch_size=micro, seed=3,
+                           rank=rank, world_size=world, num_workers=num_workers)
+    got = [item for _, batch in zip(range(5), batches) for item in batch["items"]]
+    # The stream's position p of this rank is global sample p * world + rank; epoch = that // n.
+    want = [(batches.index_at(p), (p * world + rank) // n) for p in range(len(got))]
+    assert [(item["index"], item["epoch"]) for item in got] == want
+    assert {epoch for _, epoch in want} == {0, 1, 2, 3}  # several epochs were crossed
+    resumed = MicroBatches(EpochTagged(n), lambda items: {"items": items}, micro_batch_size=micro, seed=3,
+                           rank=rank, world_size=world, num_workers=num_workers)
+    resumed.skip_to(4)
+    again = [item for _, batch in zip(range(3), resumed) for item in batch["items"]]
+    assert again == got[4:10]
