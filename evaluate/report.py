@@ -96,6 +96,10 @@ def _judge_section(judge: dict) -> list[str]:
              f"{judge['n_unparseable']} unparseable.", ""]
     if judge["failures"]:
         lines += [f"Failed requests by reason: {_reasons(judge['failures'])}.", ""]
+    if judge.get("n_withheld"):
+        why = judge.get("restricted", {}).get("why", "")
+        lines += [f"{judge['n_withheld']} restricted items (credentialed data) were withheld from this non-local "
+                  f"endpoint and not judged{': ' + why if why else ''}.", ""]
     if judge.get("stopped"):
         lines += [f"The judge stopped early: {judge['stopped']}", ""]
     vqa = judge.get("vqa")

@@ -637,3 +637,5 @@ def test_score_withholds_mimic_items_from_a_remote_judge(tmp_path, cli, monkeypa
     assert judge["n_withheld"] == 2 and judge["restricted"]["local"] is False
     assert "2 restricted items withheld from a non-local endpoint" in err and "vllm serve" in err
     assert "report_metrics" in json.loads((tmp_path / "out" / "metrics.json").read_text())  # the rest is scored
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "2 restricted items (credentialed data) were withheld from this non-local endpoint" in report
