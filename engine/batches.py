@@ -21,7 +21,9 @@ With `num_workers > 0` the samples are read and decoded in that many worker proc
 and prefetches `prefetch_factor` samples per worker). Batching, refill and `position` stay in
 this process and count consumed samples only, so the batches, their order and the resume
 position are exactly those of `num_workers=0`. The workers' seed comes from a generator of
-their own: starting them does not draw from the global RNG that dropout uses.
+their own: starting them does not draw from the global RNG that dropout uses. With `pin_memory`
+(training on CUDA) each batch's tensors are page-locked, so that the trainer's
+`.to(device, non_blocking=True)` returns at once and the copy overlaps the previous step.
 
 Each item is read as drawn in its epoch of the stream: a dataset with `set_epoch` (random
 augmentation, prompt variants) is told the epoch before the item is read, in the workers too
@@ -93,6 +95,7 @@ class MicroBatches:
         shuffle: bool = True,
         num_workers: int = 0,
         prefetch_factor: int = 4,
+        pin_memory: bool = False,
     ) -> None:
         if len(dataset) < world_size * micro_batch_size:
             raise TooFewSamples(
@@ -108,6 +111,7 @@ class MicroBatches:
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory
         self.position = 0  # samples drawn by this rank since training started
 
     def skip_to(self, position: int) -> None:
@@ -166,6 +170,8 @@ class MicroBatches:
                     yield {"n_bad": len(bad), "bad": [item["bad"] for item in bad], "starved": True}
                     continue
                 batch = self.collate(good)
+                if self.pin_memory:  # so that the trainer's non_blocking copy to the GPU overlaps compute
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch["n_bad"] = len(bad)
                 batch["bad"] = [item["bad"] for item in bad]
                 yield batch

@@ -102,6 +102,7 @@ def train_from_config(cfg: Config) -> dict:
             rank=env.rank,
             world_size=env.world_size,
             num_workers=cfg.data.num_workers,
+            pin_memory=env.device.type == "cuda",
         )
         # Dropout masks and prompt draws differ per rank but are reproducible per rank.
         torch.manual_seed(cfg.train.seed + env.rank)

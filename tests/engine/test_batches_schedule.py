@@ -196,3 +196,13 @@ def test_each_item_is_read_in_its_own_epoch(num_workers, rank):
     resumed.skip_to(4)
     again = [item for _, batch in zip(range(3), resumed) for item in batch["items"]]
     assert again == got[4:10]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA driver")
+def test_pinned_batches_are_page_locked_and_equal():
+    plain = MicroBatches(EpochTagged(6), lambda items: {"x": torch.tensor([i["index"] for i in items])},
+                         micro_batch_size=2, seed=3)
+    pinned = MicroBatches(EpochTagged(6), lambda items: {"x": torch.tensor([i["index"] for i in items])},
+                          micro_batch_size=2, seed=3, pin_memory=True)
+    for _, a, b in zip(range(4), plain, pinned):
+        assert b["x"].is_pinned() and torch.equal(a["x"], b["x"])
