@@ -767,6 +767,30 @@ def _format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(result: Mapping[str, Any]) -> str:
+    """One row per kernel case, one column per arch: kept / total configs, and over the kept
+    configs the most registers, spilled bytes, shared memory (KB) and the MMA kind."""
+    archs = list(result["archs"])
+    cases = list(dict.fromkeys(r["case"] for r in result["rows"]))
+    head = "| kernel case | " + " | ".join(f"sm_{a}{'a' if a == 90 else ''}" for a in archs) + " |"
+    lines = [head, "|---|" + "---|" * len(archs)]
+    for case in cases:
+        cells = []
+        for arch in archs:
+            rows = [r for r in result["rows"] if r["case"] == case and r["arch"] == arch]
+            kept = [r for r in rows if not r["excluded"]]
+            if not kept:
+                cells.append(f"0/{len(rows)}")
+                continue
+            regs = max(r["regs"] for r in kept)
+            spills = max(r["spill_stores"] + r["spill_loads"] for r in kept)
+            smem = max(r["smem"] for r in kept) / 1024
+            mma = "/".join(sorted({kind for r in kept for kind in r["mma"]})) or "-"
+            cells.append(f"{len(kept)}/{len(rows)}, {regs} regs, {spills} B spill, {smem:.0f} KB, {mma}")
+        lines.append(f"| `{case}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _suggested_excludes(result: Mapping[str, Any]) -> dict[str, dict[int, list[str]]]:
     out: dict[str, dict[int, list[str]]] = {}
     for s in result["summary"]:
@@ -791,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--module", action="append", default=[], help="extra module with STATIC_CASES")
     parser.add_argument("--selfcheck", action="store_true", help="check the gate on kernels built to fail each check")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one markdown row per kernel case instead of one row per config")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _without_interpreter(argv)
@@ -813,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
-    print(_format_table(result))
+    print(summary_markdown(result) if args.summary else _format_table(result))
     fails = failures(result)
     cached = sum(r.get("cached", False) for r in result["rows"])
     print(f"\n{len(result['rows'])} compiles ({cached} from cache) in {result['seconds']} s")

@@ -207,3 +207,18 @@ def test_every_arch_keeps_a_valid_config(gate):
     bad = [f"{s['case']} {static.ARCH_NAMES[s['arch']]}: {s['kept_passing']} of {s['configs']} configs pass unexcluded"
            for s in gate["summary"] if s["kept_passing"] == 0]  # fmt: skip
     assert not bad, "\n".join(bad)
+
+
+def test_summary_counts_only_the_kept_configs():
+    def row(arch, excluded, regs, spill, smem, mma):
+        return {"case": "k.fwd", "arch": arch, "excluded": excluded, "regs": regs, "spill_stores": spill,
+                "spill_loads": spill, "smem": smem, "mma": mma}
+
+    result = {"archs": [80, 90], "rows": [
+        row(80, False, 100, 0, 48 * 1024, {"bf16": 4}), row(80, True, 255, 8, 160 * 1024, {"bf16": 8}),
+        row(90, False, 90, 0, 96 * 1024, {"bf16": 2}), row(90, False, 120, 0, 64 * 1024, {"bf16": 2}),
+    ]}  # fmt: skip
+    table = static.summary_markdown(result).splitlines()
+    assert table[0] == "| kernel case | sm_80 | sm_90a |"
+    assert table[2] == ("| `k.fwd` | 1/2, 100 regs, 0 B spill, 48 KB, bf16 | "
+                        "2/2, 120 regs, 0 B spill, 96 KB, bf16 |")
