@@ -1320,6 +1320,8 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append(run_case(model, opts, args.layers, scratch))
     now = datetime.datetime.now(datetime.UTC)
     command = "python -m pefomed.bench.step " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("OMP_NUM_THREADS"):  # the thread count changes the figures: say how it was set
+        command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
     result = {
         "device": device_name(device),
         "date": now.isoformat(timespec="seconds"),

@@ -168,6 +168,17 @@ class LoRALinear(_FrozenBase):
             training=self.training,
         )
 
+    def projection_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None] | None:
+        """(weight, bias, (lora_A, lora_B, scaling, dropout_p)) for `models.llama.fused_projections`,
+        which runs q/k/v (gate/up) of the same input as one GEMM with the adapters on their slices
+        through `kernels.torch_lora`; None (not fusable) unless this layer runs that same kernel."""
+        from pefomed.kernels.torch_lora import lora_linear_eager
+
+        if self._fn is not lora_linear_eager or self.quantize is not None:
+            return None
+        p = self.dropout if self.training else 0.0
+        return self.weight, self.bias, (self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

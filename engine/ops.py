@@ -8,7 +8,7 @@ hands the callables to the modules it builds (`LoRALinear`, `FrozenNF4Linear`,
 `GroupedProjection`); no module holds a `kernels` string, looks at `is_cuda`, or chooses an
 implementation at call time.
 
-- `torch`: plain PyTorch (`kernels.reference`, `F.linear`). It never imports Triton, so it runs
+- `torch`: plain PyTorch (`kernels.torch_lora`, `kernels.reference`, `F.linear`). It never imports Triton, so it runs
   where Triton is not installed or has no driver; an NF4 weight goes through `F.linear` as a
   tensor subclass.
 - `triton`: the fused kernels (`kernels.lora.lora_linear`, `kernels.nf4.nf4_linear`, and the
@@ -54,9 +54,10 @@ class KernelOps:
 
 
 def torch_ops() -> KernelOps:
-    from pefomed.kernels.reference import grouped_projection_reference, lora_linear_reference
+    from pefomed.kernels.reference import grouped_projection_reference
+    from pefomed.kernels.torch_lora import lora_linear_eager
 
-    return KernelOps("torch", lora_linear_reference, F.linear, grouped_projection_reference)
+    return KernelOps("torch", lora_linear_eager, F.linear, grouped_projection_reference)
 
 
 def triton_ops() -> KernelOps:

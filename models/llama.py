@@ -254,14 +254,25 @@ def _norm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _rms_scale(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """HF's `weight * (x * rstd).to(x.dtype)`: the same bits in forward and in any recompute."""
+    normed = (x.to(rstd.dtype) * rstd).to(x.dtype)
+    return normed.mul_(weight) if normed.dtype == weight.dtype else weight * normed
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(_norm_dtype(x))
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-        normed = (xf * rstd).to(x.dtype)
-        out = normed.mul_(weight) if normed.dtype == weight.dtype else weight * normed
+        out = _rms_scale(x, weight, rstd)
         ctx.save_for_backward(x, weight, rstd)
+        # How to make `out` again from what this node keeps anyway: a consumer that would save
+        # `out` for its backward (kernels.torch_lora, for the LoRA A gradient) keeps these instead,
+        # so q/k/v's (gate/up's) shared input costs no bytes of its own between forward and backward.
+        # Not under torch.compile: a traced graph keeps what its partitioner chooses.
+        if not torch.compiler.is_compiling():
+            out.recompute_from = (_rms_scale, (x, weight, rstd), out._version)
         return out
 
     @staticmethod
@@ -722,6 +733,94 @@ class KVCache:
         return AttentionPlan(_dense_mask(self.valid[:, :end], q_len, past, self.valid.device, sliding_window), False)
 
 
+def _projection_parts(module: nn.Module) -> tuple | None:
+    """(weight, bias, adapter or None) of a frozen projection that `fused_projections` may run, else None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # the module's own hooks (ZeRO-3 gathers, meters) must see its call
+    parts = getattr(module, "projection_parts", None)
+    if parts is not None:
+        return parts()
+    if type(module) is nn.Linear:
+        return module.weight, module.bias, None
+    return None
+
+
+def _plain_frozen(t: torch.Tensor | None, like: torch.Tensor) -> bool:
+    # Only a plain, frozen, materialized tensor may be re-pointed into a shared storage: a DTensor
+    # (FSDP2), an NF4Tensor, a DeepSpeed-partitioned parameter or a trained bias keeps its own.
+    return (
+        t is not None and type(t) in (nn.Parameter, torch.Tensor) and not t.requires_grad and not t.is_meta
+        and t.dtype == like.dtype and t.device == like.device and not hasattr(t, "ds_id")
+    )  # fmt: skip
+
+
+def _consecutive(tensors: list[torch.Tensor]) -> bool:
+    """Do these contiguous tensors lie one after another in one storage?"""
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
+
+def _joined(tensors: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensors as one `shape` tensor over their shared storage; re-pointed there first if needed.
+
+    The parameters become views of one storage (a cat, then `.data` swapped, so no second copy is
+    kept); `.to()` or loading with `assign=True` give them storages of their own again, and the
+    next call joins them anew.
+    """
+    if not _consecutive(tensors):
+        with torch.no_grad():
+            joined = torch.cat([t.detach().reshape(-1) for t in tensors])
+            offset = 0
+            for t in tensors:
+                t.data = joined[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
+    first = tensors[0].detach()
+    stride = (shape[1], 1) if len(shape) == 2 else (1,)
+    return first.as_strided(shape, stride, first.storage_offset())
+
+
+def fused_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[m(x) for m in modules]`, as one GEMM when the projections are frozen and plain.
+
+    q/k/v (and gate/up) read the same input: their frozen weights, kept consecutive in one storage,
+    run as one `[in, sum(out)]` GEMM forward and one dX GEMM backward (no per-projection dX to
+    sum), and LoRA adapters add their terms on their slices (`kernels.torch_lora.grouped_lora_linear`,
+    the same values and dropout draws as the layers one by one). Anything else (the Triton kernels,
+    NF4, FSDP2 / ZeRO-3 parameters, hooks on a projection, autocast, torch.compile, which fuses by
+    itself) runs the modules one by one.
+    """
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or x.dim() < 2:
+        return [m(x) for m in modules]
+    parts = [_projection_parts(m) for m in modules]
+    if any(p is None for p in parts):
+        return [m(x) for m in modules]
+    weights = [p[0] for p in parts]
+    biases = [p[1] for p in parts]
+    has_bias = biases[0] is not None
+    if not all(_plain_frozen(w, x) and w.dim() == 2 and w.shape[1] == x.shape[-1] for w in weights) or any(
+        (b is not None) != has_bias or (has_bias and not _plain_frozen(b, x)) for b in biases
+    ):
+        return [m(x) for m in modules]
+    from pefomed.kernels.torch_lora import grouped_lora_linear
+
+    sizes = [w.shape[0] for w in weights]
+    total = sum(sizes)
+    weight = _joined(weights, (total, x.shape[-1]))
+    bias = _joined(biases, (total,)) if has_bias else None
+    adapters, start = [], 0
+    for size, (_, _, adapter) in zip(sizes, parts):
+        if adapter is not None:
+            lora_A, lora_B, scaling, p = adapter
+            adapters.append((start, start + size, lora_A, lora_B, scaling, p))
+        start += size
+    return list(grouped_lora_linear(x, weight, bias, adapters).split(sizes, dim=-1))
+
+
 class Attention(nn.Module):
     def __init__(
         self, config: LlamaConfig, prefix: str, linear: LinearFactory, layer_idx: int, ops: LlamaOps = LEAN_OPS
@@ -738,9 +837,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: AttentionPlan, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = fused_projections((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        # v reaches attention (which saves it) as a slice of the fused output: its own storage
+        # keeps the whole [B, T, q + k + v] buffer from being saved for backward.
+        v = v.contiguous().view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -758,7 +860,8 @@ class MLP(nn.Module):
         self.down_proj = linear(f"{prefix}.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = fused_projections((self.gate_proj, self.up_proj), x)
+        return self.down_proj(self.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
