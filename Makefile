@@ -19,9 +19,12 @@ $(VENV)/.installed: setup.py constraints.txt
 
 setup: $(VENV)/.installed
 
-# Generates the synthetic dataset, trains the tiny model with LoRA + projection, evaluates it.
-demo: $(VENV)/.installed
-	$(VENV)/bin/pefomed demo --config configs/demo.yaml
+# SmolLM2-135M-Instruct learns to answer questions about synthetic images (LoRA + projection
+# behind a random ViT), then is evaluated three ways (docs/demo.md). FAMILY=shapes: the other
+# synthetic family, in its own folders.
+FAMILY ?= radiology
+demo: smollm2
+	$(VENV)/bin/pefomed demo --config configs/demo_smollm2.yaml --family $(FAMILY)
 
 # CPU: kernels run in the Triton interpreter; GPU-marked tests are skipped. On a CUDA machine
 # the same command runs the GPU tests too (CPU-tensor kernel tests stay in the interpreter).
@@ -62,4 +65,4 @@ smollm2: $(VENV)/.installed
 	$(VENV)/bin/pefomed fetch smollm2
 
 clean-demo:
-	rm -rf runs/demo data/demo
+	rm -rf runs/demo data/demo runs/demo_smollm2 runs/demo_smollm2_shapes data/demo_smollm2 data/demo_smollm2_shapes

@@ -60,6 +60,10 @@ class ModelConfig:
     group: int = 4
     group_layout: Literal["sequence", "spatial"] = "sequence"
     projection_checkpoint: str | None = None  # a projection.safetensors to start from
+    # A fresh connector's initial scale (engine.build.match_connector_to_embeddings): default keeps
+    # nn.Linear's init; match_embeddings scales its output to the RMS of the LLM's input embeddings,
+    # so that image tokens do not arrive several times louder than any text token (docs/demo.md).
+    connector_init: Literal["default", "match_embeddings"] = "default"
     adapter_checkpoint: str | None = None  # a PEFT adapter folder to start from (stage 2)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     kernels: Literal["torch", "triton"] = "torch"
@@ -141,6 +145,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    # The connector's own peak lr (its parameter group), scheduled like `lr`; None: `lr`. A freshly
+    # initialized projection needs a larger step than the LoRA adapters (docs/demo.md).
+    connector_lr: float | None = None
 
 
 @dataclass
@@ -284,6 +291,29 @@ def _lr_order(cfg: Config) -> Iterator[Problem]:
             f"optim.min_lr={cfg.optim.min_lr:g} is above optim.lr={cfg.optim.lr:g}: the schedule decays from lr "
             "down to min_lr, so set min_lr <= lr"
         )
+
+
+def _connector_options(cfg: Config) -> Iterator[Problem]:
+    """optim.connector_lr and model.connector_init: where they apply, and their ranges."""
+    m, lr = cfg.model, cfg.optim.connector_lr
+    if lr is not None and lr not in POSITIVE:
+        yield ("optim.connector_lr",), (
+            f"optim.connector_lr={lr!r} is out of range: it must be {POSITIVE} (or null to use optim.lr)")
+    if m.connector_init == "default":
+        return
+    if m.arch not in ARCH_CONNECTORS:
+        yield ("model.connector_init", "model.arch"), (
+            f"model.connector_init={m.connector_init} applies to the minigptv2 and llava connectors; "
+            f"model.arch={m.arch} brings its own connector: set model.connector_init=default")
+    if m.projection_checkpoint is not None:
+        yield ("model.connector_init", "model.projection_checkpoint"), (
+            f"model.connector_init={m.connector_init} initializes a fresh connector, but "
+            "model.projection_checkpoint replaces it: remove one of them")
+    if cfg.train.strategy == "fsdp2":
+        yield ("model.connector_init", "train.strategy"), (
+            f"model.connector_init={m.connector_init} is applied by the whole-model build, which "
+            "train.strategy=fsdp2's sharded loading skips: use train.strategy=ddp or deepspeed, or "
+            "model.connector_init=default")
 
 
 def _deepspeed_stage(cfg: Config) -> Iterator[Problem]:
@@ -470,7 +500,7 @@ def _hot_path(cfg: Config) -> Iterator[Problem]:
 
 # Rules that tie options together, each yielding what is wrong.
 RULES: tuple[Callable[[Config], Iterator[Problem]], ...] = (
-    _lr_order, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets, _augment, _arch,
+    _lr_order, _connector_options, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets, _augment, _arch,
     _attention_backend, _hot_path,
 )
 

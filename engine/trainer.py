@@ -70,8 +70,11 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """`lr_at` as a scheduler: the lr of optimizer step `last_epoch`, for every group.
 
-    The lr is a function of the step alone, so the saved state is the step and a resumed run sets
-    it from its progress (`set_step`), whichever strategy saved it.
+    Each group follows the schedule scaled to its own peak (its `lr` when the scheduler is built:
+    `optim.lr`, or `optim.connector_lr` for the connector's group, see `param_groups`), so its lr
+    at step k is `base * lr_at(k) / optim.lr`, its floor `base * min_lr / lr`. The lr is a function
+    of the step alone, so the saved state is the step and a resumed run sets it from its progress
+    (`set_step`), whichever strategy saved it; the peaks come from the config, not the checkpoint.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int) -> None:
@@ -79,7 +82,8 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        return [lr_at(self.last_epoch, self.optim, self.max_steps)] * len(self.optimizer.param_groups)
+        factor = lr_at(self.last_epoch, self.optim, self.max_steps) / self.optim.lr
+        return [base * factor for base in self.base_lrs]
 
     def set_step(self, step: int) -> None:
         self.last_epoch = step
@@ -94,19 +98,33 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         self.set_step(int(state_dict["last_epoch"]))
 
 
+def is_connector_parameter(name: str) -> bool:
+    """A parameter of a module named `connector` (the VLM's connector, under any wrapper prefix)."""
+    return "connector" in name.split(".")[:-1]
+
+
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """AdamW's groups: weight decay on matrices only (biases and norms are not decayed)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    """AdamW's groups: weight decay on matrices only (biases and norms are not decayed), and the
+    connector's parameters in groups of their own peak lr when `optim.connector_lr` is set."""
+    split = optim.connector_lr is not None
+    buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+            buckets.setdefault((split and is_connector_parameter(name), p.ndim >= 2), []).append(p)
+    if not buckets:
         raise ConfigError(
             "the model has no trainable parameters: lora.target_modules matches no linear layer of model.llm"
         )
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = []
+    for connector in (False, True):
+        for decay in (True, False):
+            params = buckets.get((connector, decay))
+            if params:
+                groups.append({
+                    "params": params,
+                    "weight_decay": optim.weight_decay if decay else 0.0,
+                    "lr": optim.connector_lr if connector else optim.lr,
+                })
     return groups
 
 

@@ -65,6 +65,10 @@ class GroupedProjection(nn.Module):
         n = n_vision_tokens - (1 if self.drop_cls else 0)
         return n // self.group
 
+    def output_layer(self) -> nn.Linear:
+        """The linear whose weight and bias the output is linear in (see `scale_output_`)."""
+        return self.llama_proj
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """`[B, 1+N, D]` features -> `[B, N/group, llm_dim]` embeddings."""
         return self._fn(
@@ -125,6 +129,10 @@ class PatchProjector(nn.Module):
     def _layers(self) -> list[nn.Linear]:
         return [self.mm_projector] if self.kind == "linear" else [self.mm_projector[0], self.mm_projector[2]]
 
+    def output_layer(self) -> nn.Linear:
+        """The last linear: the output is linear in its weight and bias (see `scale_output_`)."""
+        return self._layers()[-1]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """`[B, 1+N, D]` features -> `[B, N, llm_dim]` embeddings (CLS dropped)."""
         x = feats[:, 1:] if self.drop_cls else feats
@@ -142,6 +150,19 @@ class PatchProjector(nn.Module):
         projected = self(feats).to(embeds.dtype)
         # masked_scatter fills the True positions in row-major order: row by row, patch by patch.
         return embeds.masked_scatter(image_token_mask.unsqueeze(-1), projected)
+
+
+@torch.no_grad()
+def scale_output_(connector: GroupedProjection | PatchProjector, factor: float) -> None:
+    """Multiply the connector's output by `factor`, exactly, by scaling its last linear in place.
+
+    The output is `W x + b` of that layer, so scaling W and b scales every output by `factor`
+    whatever came before (the GELU of mlp2x_gelu sits before it).
+    """
+    layer = connector.output_layer()
+    layer.weight.mul_(factor)
+    if layer.bias is not None:
+        layer.bias.mul_(factor)
 
 
 def build_connector(
