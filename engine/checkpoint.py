@@ -140,22 +140,6 @@ def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-class _TorchState:
-    """A model and its torch optimizer, for callers that hold no `distributed.Runtime`."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def save_state(self, folder: Path) -> None:
-        save_dcp_state(self.model, self.optimizer, folder)
-
-    def load_state(self, folder: Path, saved_world_size: int) -> None:
-        load_dcp_state(self.model, self.optimizer, folder)
-
-    def full_trainable_state(self) -> dict[str, torch.Tensor]:
-        return full_trainable_state(self.model)
-
-
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole copies of the trainable parameters on the host, gathered on every rank (FSDP2, DDP)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -200,7 +184,7 @@ def save_checkpoint(
     trainable and optimizer state; `progress` (rank 0's) goes to `progress.json`, with the world
     size and batch sizes added.
     """
-    runtime = runtime if runtime is not None else _TorchState(model, optimizer)
+    runtime = runtime if runtime is not None else distributed.TorchCheckpointState(model, optimizer)
     root = checkpoints_dir(config.train.output_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -343,7 +327,7 @@ def load_checkpoint(
     progress = read_progress(path)
     saved = saved_world_size(path, progress)
     positions = data_positions(path, progress, saved, env, n_samples)
-    runtime = runtime if runtime is not None else _TorchState(model, optimizer)
+    runtime = runtime if runtime is not None else distributed.TorchCheckpointState(model, optimizer)
     runtime.load_state(path / "trainer_state", saved)
     rng_file = path / "trainer_state" / f"rng_rank{env.rank}.pt"
     if env.rank < saved and not rng_file.exists():

@@ -281,14 +281,40 @@ class Runtime(Protocol):
     def full_trainable_state(self) -> dict[str, torch.Tensor]: ...  # every rank; full fp32 copies
 
 
-class TorchRuntime:
+class TorchCheckpointState:
+    """A model and its torch optimizer as a checkpoint sees them: a `torch.distributed.checkpoint`
+    of the trainable parameters and the optimizer (resharded by DCP when the world size changes),
+    and whole copies of the trainable parameters. `TorchRuntime` is one; engine.checkpoint makes
+    one for callers that hold no runtime."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def save_state(self, folder: Path) -> None:
+        from pefomed.engine.checkpoint import save_dcp_state
+
+        save_dcp_state(self.model, self.optimizer, folder)
+
+    def load_state(self, folder: Path, saved_world_size: int) -> None:
+        from pefomed.engine.checkpoint import load_dcp_state
+
+        load_dcp_state(self.model, self.optimizer, folder)
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        from pefomed.engine.checkpoint import full_trainable_state
+
+        return full_trainable_state(self.model)
+
+
+class TorchRuntime(TorchCheckpointState):
     """single, ddp and fsdp2: torch AdamW, `clip_grad_norm_`, the warmup-cosine schedule, and a
     `torch.distributed.checkpoint` of the trainable parameters and the optimizer (resharded by
     DCP when the world size changes)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, env: DistEnv,
                  grad_clip: float) -> None:  # fmt: skip
-        self.model, self.module, self.optimizer, self.scheduler = model, unwrap(model), optimizer, scheduler
+        super().__init__(model, optimizer)
+        self.module, self.scheduler = unwrap(model), scheduler
         self.env, self.grad_clip = env, grad_clip
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         ddp = hasattr(model, "require_backward_grad_sync")
@@ -316,17 +342,3 @@ class TorchRuntime:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def save_state(self, folder: Path) -> None:
-        from pefomed.engine.checkpoint import save_dcp_state
-
-        save_dcp_state(self.model, self.optimizer, folder)
-
-    def load_state(self, folder: Path, saved_world_size: int) -> None:
-        from pefomed.engine.checkpoint import load_dcp_state
-
-        load_dcp_state(self.model, self.optimizer, folder)
-
-    def full_trainable_state(self) -> dict[str, torch.Tensor]:
-        from pefomed.engine.checkpoint import full_trainable_state
-
-        return full_trainable_state(self.model)
