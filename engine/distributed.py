@@ -114,8 +114,14 @@ def attempt_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"pefomed/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(leave_together: bool = False) -> None:
+    """Destroy the process group. `leave_together` (a rank's normal end) waits at a barrier first:
+    a rank that tears gloo down while a peer is still finishing can abort in gloo's teardown
+    ("terminate called without an active exception"). After an error there is no barrier, since
+    a peer may never reach it."""
     if dist.is_initialized():
+        if leave_together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

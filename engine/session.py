@@ -107,6 +107,8 @@ def train_from_config(cfg: Config) -> dict:
         # Dropout masks and prompt draws differ per rank but are reproducible per rank.
         torch.manual_seed(cfg.train.seed + env.rank)
         trainer = Trainer(config=cfg, model=model, batches=batches, env=env, runtime=runtime)
-        return trainer.train()
+        result = trainer.train()
+        distributed.shutdown_distributed(leave_together=True)
+        return result
     finally:
-        distributed.shutdown_distributed()
+        distributed.shutdown_distributed()  # after an error: no barrier (a no-op when already shut down)

@@ -596,10 +596,7 @@ def worker(mode: str, overrides: list[str] | dict, out: Path) -> None:
                 result.update(equal=not differ, differ=differ[:10], n_tensors=len(want),
                               trainable_checked=len(trainable & set(want)))  # fmt: skip
         (out / f"rank{env.rank}.json").write_text(json.dumps(result))
-        # Leave together: a rank that tears gloo down while rank 0 still builds its reference
-        # model can abort in gloo's teardown ("terminate called without an active exception").
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        distributed.shutdown_distributed(leave_together=True)
     finally:
         distributed.shutdown_distributed()
 
