@@ -23,8 +23,10 @@ so LoRA dropout draws the same masks twice and the gradients equal those without
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -75,6 +77,7 @@ def init_distributed(device_preference: str = "auto", strategy: str = "single") 
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    import_before_the_group(strategy, device)
     if (world_size > 1 or strategy in NEED_GROUP) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if "MASTER_ADDR" in os.environ:
@@ -88,6 +91,20 @@ def init_distributed(device_preference: str = "auto", strategy: str = "single") 
             for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
                 os.environ.setdefault(key, "1" if "WORLD" in key else "0")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def import_before_the_group(strategy: str, device: torch.device) -> None:
+    """Import the modules that take `GroupMember.WORLD` as a default argument value: imported after
+    the group exists, such a default holds the group until the interpreter exits, and gloo's
+    threads with it (see `shutdown_distributed`). Those are `torch.distributed.nn.functional`
+    (which torch's checkpoint helpers import) and DeepSpeed's torch backend, which also reads
+    DS_ACCELERATOR when DeepSpeed is first imported."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+    if strategy == "deepspeed":
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.comm.torch  # noqa: F401
 
 
 def attempt_store(rank: int, world_size: int) -> dist.Store:
@@ -115,14 +132,62 @@ def attempt_store(rank: int, world_size: int) -> dist.Store:
 
 
 def shutdown_distributed(leave_together: bool = False) -> None:
-    """Destroy the process group. `leave_together` (a rank's normal end) waits at a barrier first:
-    a rank that tears gloo down while a peer is still finishing can abort in gloo's teardown
-    ("terminate called without an active exception"). After an error there is no barrier, since
-    a peer may never reach it."""
+    """Destroy the process group, and free its backend while Python is still alive.
+
+    `leave_together` (a rank's normal end) waits at a barrier first, so no rank tears the group
+    down under a peer that still needs it. After an error there is no barrier, since a peer may
+    never reach it.
+
+    Freeing the backend here matters for gloo: its worker threads drop each finished work after
+    reporting it done, and a work (a barrier holds the works before it) may own the last
+    reference to tensors whose Python objects then need the GIL. A worker that asks for the GIL
+    once the interpreter is finalizing is ended by `pthread_exit`, which aborts the process
+    ("terminate called without an active exception"). The backend, and with it those threads,
+    goes when nothing references the group (DeepSpeed's engine must be destroyed first:
+    `DeepSpeedRuntime.close`). Device meshes hold their groups, and DTensor's
+    caches (sharding propagation, redistribution plans, mesh topology) keep meshes alive after
+    the model is gone, so each mesh still alive lets go of its groups here. `gloo_threads` tells
+    whether they went.
+    """
     if dist.is_initialized():
         if leave_together and dist.get_world_size() > 1:
             dist.barrier()
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's module-level group handles
+        else:
+            dist.destroy_process_group()
+        release_device_meshes()
+    gc.collect()  # a sharded model's modules and device mesh sit in reference cycles
+    if leave_together and gloo_threads():
+        logger.warning(
+            "the process group is destroyed but still referenced (%d gloo threads live): "
+            "drop the model before shutdown_distributed, or the process may abort at exit",
+            gloo_threads(),
+        )
+
+
+def release_device_meshes() -> None:
+    """Every live DeviceMesh drops its process groups (torch 2.13 keeps them in `_pg_registry`), which
+    are destroyed and of no further use. The group's destructor releases the GIL, so its worker
+    threads can finish their last work while it joins them."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    gc.collect()
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
+
+
+def gloo_threads() -> int:
+    """How many of gloo's threads (its work loop and its TCP loop) this process still runs."""
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(task.read_text().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sum(name in ("pt_gloo_runloop", "gloo_tcp_loop") for name in names)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -347,4 +412,3 @@ class TorchRuntime(TorchCheckpointState):
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-

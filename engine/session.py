@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 
 import numpy as np
@@ -57,8 +56,6 @@ def build_parallel_model(cfg: Config, env: distributed.DistEnv):
                 model_cfg, env, activation_checkpointing=cfg.train.activation_checkpointing != "none"
             ), None
         logger.info("fsdp2: %s is built whole on every rank, then sharded", why_not)
-    if strategy == "deepspeed" and env.device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     model = build_model(model_cfg, env.device)
     model = distributed.apply_strategy(
         model,
@@ -78,37 +75,44 @@ def build_parallel_model(cfg: Config, env: distributed.DistEnv):
 def train_from_config(cfg: Config) -> dict:
     env = distributed.init_distributed(cfg.train.device, cfg.train.strategy)
     try:
-        seed_everything(cfg.train.seed)
-        samples = load_samples(cfg.data.train, cfg, env.is_main)
-        tokenizer = load_run_tokenizer(cfg)
-        fit_vocab_to_tokenizer(cfg, tokenizer)
-        model, runtime = build_parallel_model(cfg, env)
-        if cfg.train.compile:  # after the strategy: its hooks stay eager around each compiled layer
-            from pefomed.engine.compile import compile_layers
-
-            compile_layers(model)
-        from pefomed.engine.data.collate import collate
-
-        dataset = build_dataset(samples, cfg, tokenizer, train=True)
-        batches = MicroBatches(
-            dataset,
-            lambda items: collate(
-                items,
-                pad_token_id=tokenizer.pad_token_id,
-                pack_tokens=cfg.data.pack_tokens if cfg.data.packing else None,
-            ),
-            micro_batch_size=cfg.train.micro_batch_size,
-            seed=cfg.train.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_workers=cfg.data.num_workers,
-            pin_memory=env.device.type == "cuda",
-        )
-        # Dropout masks and prompt draws differ per rank but are reproducible per rank.
-        torch.manual_seed(cfg.train.seed + env.rank)
-        trainer = Trainer(config=cfg, model=model, batches=batches, env=env, runtime=runtime)
-        result = trainer.train()
+        result = run_training(cfg, env)  # the model, its device mesh and the trainer die with that frame
         distributed.shutdown_distributed(leave_together=True)
         return result
     finally:
         distributed.shutdown_distributed()  # after an error: no barrier (a no-op when already shut down)
+
+
+def run_training(cfg: Config, env: distributed.DistEnv) -> dict:
+    seed_everything(cfg.train.seed)
+    samples = load_samples(cfg.data.train, cfg, env.is_main)
+    tokenizer = load_run_tokenizer(cfg)
+    fit_vocab_to_tokenizer(cfg, tokenizer)
+    model, runtime = build_parallel_model(cfg, env)
+    if cfg.train.compile:  # after the strategy: its hooks stay eager around each compiled layer
+        from pefomed.engine.compile import compile_layers
+
+        compile_layers(model)
+    from pefomed.engine.data.collate import collate
+
+    dataset = build_dataset(samples, cfg, tokenizer, train=True)
+    batches = MicroBatches(
+        dataset,
+        lambda items: collate(
+            items,
+            pad_token_id=tokenizer.pad_token_id,
+            pack_tokens=cfg.data.pack_tokens if cfg.data.packing else None,
+        ),
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=env.device.type == "cuda",
+    )
+    # Dropout masks and prompt draws differ per rank but are reproducible per rank.
+    torch.manual_seed(cfg.train.seed + env.rank)
+    trainer = Trainer(config=cfg, model=model, batches=batches, env=env, runtime=runtime)
+    result = trainer.train()
+    if runtime is not None:  # DeepSpeed's: its hooks would keep the engine and its groups alive
+        runtime.close()
+    return result

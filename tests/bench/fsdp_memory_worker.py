@@ -25,9 +25,17 @@ from pefomed.engine.trainer import build_optimizer
 
 def main() -> None:
     out, batch_size, seq_len, answer, config, *overrides = sys.argv[1:]
-    batch_size, seq_len, answer = int(batch_size), int(seq_len), int(answer)
     cfg = load_config(config, overrides)
     env = distributed.init_distributed("cpu", cfg.train.strategy)
+    try:
+        record = measure(cfg, env, int(batch_size), int(seq_len), int(answer))  # the model dies with it
+        Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
+        distributed.shutdown_distributed(leave_together=True)
+    finally:
+        distributed.shutdown_distributed()
+
+
+def measure(cfg, env, batch_size: int, seq_len: int, answer: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, _ = session.build_parallel_model(cfg, env)
     model.train()
@@ -45,7 +53,7 @@ def main() -> None:
     optimizer.step()
     meter.close()
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    record = {
+    return {
         "rank": env.rank,
         "world_size": env.world_size,
         "param_bytes": params,
@@ -54,8 +62,6 @@ def main() -> None:
         "saved_by_kind": by_kind,
         "loss": float(loss),
     }
-    Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
-    distributed.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert "Inference tensors cannot be saved for backward" not in result.stderr, INFERENCE_MODE_HINT
     assert result.returncode == 0, output
+    assert "process group is destroyed but still referenced" not in result.stderr, output  # see shutdown_distributed
     return result
 
 

@@ -93,6 +93,7 @@ def torchrun(nproc: int, mode: str, overrides: list[str] | dict, out: Path) -> N
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "process group is destroyed but still referenced" not in result.stderr  # see shutdown_distributed
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_qlora_under_fsdp2_shards_the_nf4_weights_and_trains_the_same_curve(tmp_
     ):  # fmt: skip
         cmd = [*launcher, *script, f"train.output_dir={tmp_path / out}", *extra]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
     curves = [[json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
               for out in ("single", "fsdp2")]  # fmt: skip
     assert len(curves[1]) == 4 and max(abs(a - b) for a, b in zip(*curves)) < 1e-5, curves
@@ -389,7 +390,7 @@ def test_qlora_from_files_trains_the_whole_builds_curve(qlora_folders, tmp_path)
               f"train.output_dir={tmp_path / 'single'}", "train.grad_accum=2"]  # fmt: skip
     result = subprocess.run(single, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
     for mode in ("train", "train_whole"):
         torchrun(2, mode, [*common, f"train.output_dir={tmp_path / mode}", "train.grad_accum=1"], tmp_path / mode)
     curves = {
@@ -400,6 +401,11 @@ def test_qlora_from_files_trains_the_whole_builds_curve(qlora_folders, tmp_path)
     assert all(len(c) == 4 for c in curves.values())
     assert curves["train"] == curves["train_whole"], curves
     assert max(abs(a - b) for a, b in zip(curves["train"], curves["single"])) < 1e-5, curves
+    # The run freed its process group's gloo threads before returning, so none can free a work
+    # while the interpreter finalizes (which aborts the process).
+    for mode in ("train", "train_whole"):
+        for rank in (0, 1):
+            assert json.loads((tmp_path / mode / f"threads_rank{rank}.json").read_text()) == {"gloo_threads": 0}
 
 
 @slow_distributed
@@ -448,14 +454,17 @@ def with_fsdp2(overrides: list[str] | dict) -> list[str] | dict:
     return [*overrides, "train.strategy=fsdp2"]
 
 
-def train(overrides: list[str] | dict, whole_build: bool) -> None:
+def train(overrides: list[str] | dict, whole_build: bool, out: Path) -> None:
     """A training run (`engine.session`); `whole_build`: FSDP2 shards a model built whole on every
-    rank, the path fsdp2 took for QLoRA before it loaded meta-first."""
-    from pefomed.engine import session, sharded_loading
+    rank, the path fsdp2 took for QLoRA before it loaded meta-first. Records how many gloo threads
+    outlive the run: none, or a finished work could be freed during interpreter finalization."""
+    from pefomed.engine import distributed, session, sharded_loading
 
     if whole_build:
         sharded_loading.supports_sharded_loading = lambda cfg: "the test's whole-build control"
     session.train_from_config(load(with_fsdp2(overrides)))
+    rank = int(os.environ["RANK"])
+    (out / f"threads_rank{rank}.json").write_text(json.dumps({"gloo_threads": distributed.gloo_threads()}))
 
 
 def nf4_fields(t, with_flags: bool = True) -> tuple:
@@ -533,72 +542,74 @@ def idefics2_step(model, cfg, env) -> dict:
 
 
 def worker(mode: str, overrides: list[str] | dict, out: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     from pefomed.engine import distributed
-    from pefomed.engine.build import build_model
-    from pefomed.engine.sharded_loading import build_sharded_model
 
     if mode in ("train", "train_whole"):
-        return train(overrides, whole_build=mode == "train_whole")
+        return train(overrides, whole_build=mode == "train_whole", out=out)
     cfg = load(with_fsdp2(overrides))
     env = distributed.init_distributed("cpu", "fsdp2")
-    result: dict = {}
     try:
-        meta = build_model(cfg, "meta")  # imports everything the builds import, before the baseline
-        result["state_dict_bytes"] = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
-        del meta
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = rss_kib("VmRSS")
-        if mode == "memory_whole":
-            model = build_model(cfg, "cpu")
-        elif mode == "nf4":
-            from pefomed.engine.session import build_parallel_model
-            from pefomed.kernels.nf4 import NF4Tensor
-
-            model, _ = build_parallel_model(cfg, env)
-            local = [p.to_local() for p in model.parameters() if hasattr(p, "to_local")]
-            result["nf4_weights"] = sum(isinstance(t, NF4Tensor) for t in local)
-            result["nf4_local_bytes"] = sum(nf4_bytes(t) for t in local if isinstance(t, NF4Tensor))
-            whole = build_model(cfg, "cpu")
-            result["nf4_total_bytes"] = sum(
-                nf4_bytes(p.data) for p in whole.parameters() if isinstance(p.data, NF4Tensor)
-            )
-        elif mode == "nf4_shards":
-            model = build_sharded_model(cfg, env, activation_checkpointing=True)
-        else:
-            model = build_sharded_model(cfg, env, activation_checkpointing=cfg.train.activation_checkpointing)
-        result["peak_increase"] = (rss_kib("VmHWM") - before) * 1024
-        if mode == "nf4_shards":
-            result.update(compare_shards(model, env, cfg))
-            if cfg.model.arch == "idefics2":
-                result.update(idefics2_step(model, cfg, env))
-        if mode == "equal":
-            params = list(model.parameters())
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-            result["n_params"] = len(params)
-            result["dtensors"] = sum(hasattr(p, "to_local") for p in params)
-            result["local_bytes"] = sum(t.numel() * t.element_size() for t in local)
-            result["total_bytes"] = sum(p.numel() * p.element_size() for p in params)
-            result["slack_bytes"] = sum(p[0].numel() * p.element_size() if p.ndim else 0 for p in params)
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            full = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in full.items()}
-            if env.is_main:
-                reference = build_model(cfg, "cpu")
-                want = reference.state_dict()
-                trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
-                differ = [
-                    k
-                    for k in want
-                    if k not in full or full[k].dtype != want[k].dtype or not torch.equal(full[k], want[k])
-                ]
-                differ += [k for k in full if k not in want]
-                result.update(equal=not differ, differ=differ[:10], n_tensors=len(want),
-                              trainable_checked=len(trainable & set(want)))  # fmt: skip
+        result = measure(mode, cfg, env)  # its models, and their device meshes, die with that frame
         (out / f"rank{env.rank}.json").write_text(json.dumps(result))
         distributed.shutdown_distributed(leave_together=True)
     finally:
         distributed.shutdown_distributed()
+
+
+def measure(mode: str, cfg, env) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from pefomed.engine.build import build_model
+    from pefomed.engine.sharded_loading import build_sharded_model
+
+    result: dict = {}
+    meta = build_model(cfg, "meta")  # imports everything the builds import, before the baseline
+    result["state_dict_bytes"] = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
+    del meta
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = rss_kib("VmRSS")
+    if mode == "memory_whole":
+        model = build_model(cfg, "cpu")
+    elif mode == "nf4":
+        from pefomed.engine.session import build_parallel_model
+        from pefomed.kernels.nf4 import NF4Tensor
+
+        model, _ = build_parallel_model(cfg, env)
+        local = [p.to_local() for p in model.parameters() if hasattr(p, "to_local")]
+        result["nf4_weights"] = sum(isinstance(t, NF4Tensor) for t in local)
+        result["nf4_local_bytes"] = sum(nf4_bytes(t) for t in local if isinstance(t, NF4Tensor))
+        whole = build_model(cfg, "cpu")
+        result["nf4_total_bytes"] = sum(nf4_bytes(p.data) for p in whole.parameters() if isinstance(p.data, NF4Tensor))
+    elif mode == "nf4_shards":
+        model = build_sharded_model(cfg, env, activation_checkpointing=True)
+    else:
+        model = build_sharded_model(cfg, env, activation_checkpointing=cfg.train.activation_checkpointing)
+    result["peak_increase"] = (rss_kib("VmHWM") - before) * 1024
+    if mode == "nf4_shards":
+        result.update(compare_shards(model, env, cfg))
+        if cfg.model.arch == "idefics2":
+            result.update(idefics2_step(model, cfg, env))
+    if mode == "equal":
+        params = list(model.parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        result["n_params"] = len(params)
+        result["dtensors"] = sum(hasattr(p, "to_local") for p in params)
+        result["local_bytes"] = sum(t.numel() * t.element_size() for t in local)
+        result["total_bytes"] = sum(p.numel() * p.element_size() for p in params)
+        result["slack_bytes"] = sum(p[0].numel() * p.element_size() if p.ndim else 0 for p in params)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in full.items()}
+        if env.is_main:
+            reference = build_model(cfg, "cpu")
+            want = reference.state_dict()
+            trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+            differ = [
+                k for k in want if k not in full or full[k].dtype != want[k].dtype or not torch.equal(full[k], want[k])
+            ]
+            differ += [k for k in full if k not in want]
+            result.update(equal=not differ, differ=differ[:10], n_tensors=len(want),
+                          trainable_checked=len(trainable & set(want)))  # fmt: skip
+    return result
 
 
 if __name__ == "__main__":

@@ -134,5 +134,6 @@ if __name__ == "__main__":
     try:
         out = compare("fsdp2", run_env)
         Path(sys.argv[1], f"rank{run_env.rank}.json").write_text(json.dumps(out))
+        distributed.shutdown_distributed(leave_together=True)
     finally:
         distributed.shutdown_distributed()

@@ -83,11 +83,23 @@ def steps(model: nn.Module, inputs: list[torch.Tensor]) -> tuple[list[torch.Tens
 
 def worker(out: Path) -> None:
     import torch.distributed as dist
+
+    from pefomed.engine.distributed import shutdown_distributed
+
+    dist.init_process_group("gloo")
+    try:
+        report = sharded_report()  # the sharded models, and their device mesh, die with that frame
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+        shutdown_distributed(leave_together=True)
+    finally:
+        shutdown_distributed()
+
+
+def sharded_report() -> dict:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # CPU and gloo, also where there is a GPU
     torch.manual_seed(0)
     model = Model()
@@ -138,8 +150,7 @@ def worker(out: Path) -> None:
     single_bf16 = copy.deepcopy(single).to(torch.bfloat16)
     report["bf16_dtype"] = str(y.dtype)
     report["bf16_err"] = rel(y, single_bf16(inputs[0].bfloat16()))
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    return report
 
 
 @pytest.mark.distributed
