@@ -285,8 +285,9 @@ def load_adapter(llm: nn.Module, folder: str) -> None:
     load_adapter_state_dict(llm, read_state_dict(path), str(path))
 
 
-def freeze_and_cast(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Cast to `dtype`, freeze all but the adapters and the connector; those stay in fp32.
+def freeze_and_cast(model: nn.Module, dtype: torch.dtype, *, train_vision: bool = False) -> list[str]:
+    """Cast to `dtype`, freeze all but the adapters and the connector (and with `train_vision` the
+    ViT); those stay in fp32.
 
     AdamW updates of 1e-5 vanish in bf16, so the few trained parameters are kept in fp32 and
     the kernels cast them to the activations' dtype. Returns the trainable names.
@@ -294,6 +295,8 @@ def freeze_and_cast(model: nn.Module, dtype: torch.dtype) -> list[str]:
     model.to(dtype)
     trainable = ["llm." + n for n in lora_parameter_names(model.llm)]
     trainable += ["connector." + n for n, _ in model.connector.named_parameters()]
+    if train_vision:
+        trainable += ["vit." + n for n, _ in model.vit.named_parameters()]
     freeze_except(model, trainable)
     params = dict(model.named_parameters())
     for name in trainable:
@@ -321,12 +324,14 @@ def build_model(
         vision = build_vision(cfg, device, ops)
         ln_vision, connector = build_connector(cfg, vision.config.hidden_size, llm.config.hidden_size, device, ops)
         cache_bytes = m.feature_cache_mb * 2**20 if m.feature_cache else 0
-        model = VisionLanguageModel(vision, llm, connector, ln_vision, feature_cache_bytes=cache_bytes)
+        model = VisionLanguageModel(
+            vision, llm, connector, ln_vision, train_vit=m.train_vision, feature_cache_bytes=cache_bytes
+        )
     if m.projection_checkpoint and device.type != "meta":
         load_projection(connector, m.projection_checkpoint, device)
     if m.adapter_checkpoint and device.type != "meta":
         load_adapter(llm, m.adapter_checkpoint)
-    freeze_and_cast(model, DTYPES[m.dtype])
+    freeze_and_cast(model, DTYPES[m.dtype], train_vision=m.train_vision)
     if m.connector_init == "match_embeddings" and device.type != "meta":
         factor = match_connector_to_embeddings(model, m.image_size, seed=cfg.train.seed)
         logger.info("model.connector_init=match_embeddings: the connector's output scaled by %.4g", factor)

@@ -3,6 +3,8 @@
 Layout of `output_dir/checkpoints/step_N/`:
 - `adapter_model.safetensors` + `adapter_config.json`: the LLM's LoRA adapter in PEFT's format.
 - `projection.safetensors`: the connector (`llama_proj.weight`, `llama_proj.bias`).
+- `vision.safetensors`: only when `model.train_vision` trains the ViT: its parameters, under the
+  names of `models.vit.VisionTransformer`.
 - `config.yaml`: the full resolved run config, self-contained: `model.projection_checkpoint` and
   `model.adapter_checkpoint` (where a stage-2 run started from) are cleared, since this folder's
   own adapter and projection supersede them; evaluation needs only this folder and the base
@@ -61,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARK = "COMPLETE"
+VISION_FILE = "vision.safetensors"  # a ViT that model.train_vision trained
 # Fields that name files a run started from; a checkpoint's own weights supersede them.
 START_FROM_FIELDS = ("projection_checkpoint", "adapter_checkpoint")
 # progress.json's `data_order`: 2 is the one stream of `engine.batches` that every world size shares.
@@ -237,8 +240,11 @@ def _write_exports(folder: Path, full: dict[str, torch.Tensor], config: Config) 
     projection = {
         name[len("connector.") :]: t.contiguous() for name, t in full.items() if name.startswith("connector.")
     }
+    vision = {name[len("vit.") :]: t.contiguous() for name, t in full.items() if name.startswith("vit.")}
     save_file(adapter, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     save_file(projection, str(folder / "projection.safetensors"), metadata={"format": "pt"})
+    if vision:
+        save_file(vision, str(folder / VISION_FILE), metadata={"format": "pt"})
     write_adapter_config(folder / "adapter_config.json", peft_adapter_config(config.lora, config.model.llm, adapter))
     save_config(self_contained(config), folder / "config.yaml")
 
@@ -365,30 +371,37 @@ def _log_reshard(path: Path, progress: dict, saved: int, env: distributed.DistEn
 
 
 def read_exports(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """A complete checkpoint's adapter and projection tensors, read before any model is built,
-    so that a missing or damaged file fails in a second, naming the file."""
+    """A complete checkpoint's adapter and projection tensors (and a trained ViT's), read before
+    any model is built, so that a missing or damaged file fails in a second, naming the file."""
     path = require_complete(path)
     for name in ("adapter_model.safetensors", "projection.safetensors"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path / name}: missing; is {path} a pefomed checkpoint folder?")
-    return {
+    exports = {
         "adapter": read_state_dict(path / "adapter_model.safetensors"),
         "projection": read_state_dict(path / "projection.safetensors"),
     }
+    if (path / VISION_FILE).exists():
+        exports["vision"] = read_state_dict(path / VISION_FILE)
+    return exports
 
 
 def apply_exports(model: nn.Module, exports: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
-    """Put `read_exports`' tensors into the model's adapter and connector."""
+    """Put `read_exports`' tensors into the model's adapter and connector (and its ViT)."""
     from pefomed.engine.lora import load_adapter_state_dict
 
     load_adapter_state_dict(model.llm, exports["adapter"], str(path))
-    try:
-        model.connector.load_state_dict(exports["projection"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path / 'projection.safetensors'} does not match the model that the config builds ({e}); "
-            f"evaluate with the config that trained it, {path / 'config.yaml'}"
-        ) from e
+    parts = [("connector", "projection.safetensors", exports["projection"])]
+    if "vision" in exports:
+        parts.append(("vit", VISION_FILE, exports["vision"]))
+    for module, file, state in parts:
+        try:
+            getattr(model, module).load_state_dict(state)
+        except (RuntimeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{path / file} does not match the model that the config builds ({e}); "
+                f"evaluate with the config that trained it, {path / 'config.yaml'}"
+            ) from e
 
 
 def load_exports(path: Path, model: nn.Module) -> None:

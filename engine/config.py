@@ -54,6 +54,11 @@ class ModelConfig:
     image_size: int = 448
     image_splitting: bool = False  # idefics2: also feed the image's 4 quadrants (do_image_splitting)
     ln_vision: bool = True  # MiniGPT-v2's frozen LayerNorm after the ViT
+    # Train the vision tower too: all its parameters, in fp32, at optim.connector_lr (saved as
+    # vision.safetensors in each checkpoint). For a tower without pretrained weights, such as the
+    # demo's random ViT: frozen, its random features carry too little of the image to learn from.
+    # The papers keep their pretrained towers frozen (the default).
+    train_vision: bool = False
     # Connector: MiniGPT-v2's grouped projection (grouped), or LLaVA's projector over each patch
     # token (linear, or mlp2x_gelu: Linear -> GELU -> Linear).
     connector: Literal["grouped", "linear", "mlp2x_gelu"] = "grouped"
@@ -145,8 +150,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    # The connector's own peak lr (its parameter group), scheduled like `lr`; None: `lr`. A freshly
-    # initialized projection needs a larger step than the LoRA adapters (docs/demo.md).
+    # The connector's own peak lr (its parameter group; a ViT that model.train_vision trains joins
+    # it), scheduled like `lr`; None: `lr`. A freshly initialized projection needs a larger step
+    # than the LoRA adapters (docs/demo.md).
     connector_lr: float | None = None
 
 
@@ -484,6 +490,16 @@ def _hot_path(cfg: Config) -> Iterator[Problem]:
         yield ("data.packing", "model.arch"), (
             "data.packing packs one square image per sample; model.arch=idefics2 takes several images of their "
             "own sizes per sample: set data.packing=false"
+        )
+    if m.train_vision and m.arch not in ARCH_CONNECTORS:
+        yield ("model.train_vision", "model.arch"), (
+            f"model.train_vision=true trains the ViT of the minigptv2 and llava assemblies; model.arch={m.arch} "
+            "brings its own pretrained tower (train it through lora.target_modules): set model.train_vision=false"
+        )
+    if m.train_vision and m.feature_cache:
+        yield ("model.feature_cache", "model.train_vision"), (
+            "model.feature_cache keeps the frozen ViT's features per image, but model.train_vision=true changes "
+            "the tower every step: set model.feature_cache=false"
         )
     if m.feature_cache and d.augment is not None:
         yield ("model.feature_cache", "data.augment"), (

@@ -20,7 +20,8 @@ quantization) to run what was trained.
 Both write `projection.safetensors`, the trained connector under MiniGPT-v2's names
 (`llama_proj.weight`, `llama_proj.bias`) or LLaVA's (`mm_projector.*`, `mm_projector.0/2.*` for
 mlp2x_gelu), and `pefomed_export.json`, which records what was exported, from where, and the
-vision tower that the connector expects (the ViT is frozen and not part of the HF folder).
+vision tower that the connector expects (the ViT is not part of the HF folder; a ViT that
+`model.train_vision` trained is written beside it as `vision.safetensors`).
 
 The LLM part covers LLaMA (2, 3) and Mistral, whose module names are transformers' own. For
 `model.arch: idefics2` the folder is the whole Idefics2ForConditionalGeneration (SigLIP,
@@ -300,7 +301,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge: bool, d
                       config: str | Path | None = None, overrides: list[str] | tuple = (),
                       max_shard_gb: float = 5.0) -> Path:
     """Write the export of `checkpoint` to `out` (see the module docstring); returns `out`."""
-    from pefomed.engine.checkpoint import read_exports
+    from pefomed.engine.checkpoint import VISION_FILE, read_exports
 
     checkpoint = resolve_checkpoint_folder(checkpoint)
     cfg = load_config(Path(config) if config else checkpoint / "config.yaml", list(overrides))
@@ -345,6 +346,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, merge: bool, d
             save_file(projection, str(folder / "projection.safetensors"), metadata={"format": "pt"})
         else:
             record["connector"] = "inside the model (LoRA folded in)" if merge else "inside the model (adapter)"
+        if "vision" in exports:  # model.train_vision: the trained tower replaces vision.checkpoint
+            save_file(exports["vision"], str(folder / VISION_FILE), metadata={"format": "pt"})
+            record["vision"]["trained"] = VISION_FILE
         (folder / "pefomed_export.json").write_text(json.dumps(record, indent=2))
     logger.info("exported %s -> %s (%s, %s)", checkpoint, out, "merged" if merge else "PEFT adapter",
                 record["dtype"])

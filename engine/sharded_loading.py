@@ -86,6 +86,8 @@ def supports_sharded_loading(cfg: Config) -> str | None:
         return f"model.arch={cfg.model.arch}"
     if cfg.model.quantize_llm not in ("none", "nf4"):
         return f"model.quantize_llm={cfg.model.quantize_llm}"
+    if cfg.model.train_vision:
+        return "model.train_vision=true (a trained ViT)"
     return None
 
 

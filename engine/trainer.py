@@ -98,19 +98,21 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         self.set_step(int(state_dict["last_epoch"]))
 
 
-def is_connector_parameter(name: str) -> bool:
-    """A parameter of a module named `connector` (the VLM's connector, under any wrapper prefix)."""
-    return "connector" in name.split(".")[:-1]
+def takes_connector_lr(name: str) -> bool:
+    """A parameter trained from scratch: the VLM's `connector`, or its `vit` when
+    `model.train_vision` trains it (under any wrapper prefix)."""
+    return not {"connector", "vit"}.isdisjoint(name.split(".")[:-1])
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW's groups: weight decay on matrices only (biases and norms are not decayed), and the
-    connector's parameters in groups of their own peak lr when `optim.connector_lr` is set."""
+    connector's (and a trained ViT's) parameters in groups of their own peak lr when
+    `optim.connector_lr` is set."""
     split = optim.connector_lr is not None
     buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((split and is_connector_parameter(name), p.ndim >= 2), []).append(p)
+            buckets.setdefault((split and takes_connector_lr(name), p.ndim >= 2), []).append(p)
     if not buckets:
         raise ConfigError(
             "the model has no trainable parameters: lora.target_modules matches no linear layer of model.llm"

@@ -115,15 +115,20 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------ vision
 
     def _run_vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vit.parameters()).dtype
         if self.train_vit and torch.is_grad_enabled():
-            return self.ln_vision(self.vit(pixel_values.to(dtype)))
+            return self._vit_features(pixel_values)
         # FSDP2 and ZeRO-3 gather a sharded tower's weights in its forward hooks; those must not
         # become inference tensors, so a sharded tower runs under no_grad instead.
         context = torch.no_grad() if _is_sharded(self.vit) else torch.inference_mode()
         with context:
-            feats = self.ln_vision(self.vit(pixel_values.to(dtype)))
+            feats = self._vit_features(pixel_values)
         return feats.clone() if feats.is_inference() else feats
+
+    def _vit_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower in its weights' dtype (fp32 when `train_vit` trains it), then ln_vision in the
+        compute dtype, which the frozen LayerNorm and the connector's input share."""
+        feats = self.vit(pixel_values.to(next(self.vit.parameters()).dtype))
+        return self.ln_vision(feats.to(self.llm.get_input_embeddings().weight.dtype))
 
     def encode_images(self, pixel_values: torch.Tensor, image_keys: list | None = None) -> torch.Tensor:
         """`[B, 3, S, S]` -> the tower's features after ln_vision, from the cache where it has them."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pefomed.engine.checkpoint import VISION_FILE, latest_checkpoint
 from pefomed.engine.config import load_config
 from pefomed.evaluate import score
 from pefomed.train import demo
@@ -27,7 +28,7 @@ def tiny(tmp_path: Path) -> list[str]:
         "train.max_steps=3", "train.micro_batch_size=4", "train.save_every=0", "train.progress_bar=false",
         "lora.dropout=0.0", "eval.max_new_tokens=3", "eval.batch_size=16",
         # the recipe's engine options, at tiny size
-        "model.connector_init=match_embeddings", "optim.connector_lr=5e-3",
+        "model.connector_init=match_embeddings", "optim.connector_lr=5e-3", "model.train_vision=true",
     ]
 
 
@@ -55,6 +56,7 @@ def test_demo_trains_and_evaluates_three_ways(tmp_path, monkeypatch, family, cap
     assert json.loads((run / "eval" / "demo_summary.json").read_text()) == json.loads(json.dumps(summary))
 
     assert summary["family"] == family and summary["llm"] == "tiny"
+    assert (latest_checkpoint(run) / VISION_FILE).is_file()  # the trained ViT, which evaluation loaded
     assert summary["command"].startswith(f"pefomed demo --config configs/demo.yaml --family {family} ")
     assert 0 < summary["train_wall_s"] <= summary["total_wall_s"] and 0 < summary["train_cpu_s"] <= summary["total_cpu_s"]
     assert {"processor", "cpus", "torch", "date"} <= summary["machine"].keys()
@@ -93,6 +95,7 @@ def test_for_family_moves_the_synthetic_data_and_the_run():
 def test_the_recipe_config_loads_with_its_engine_options():
     cfg = load_config(ROOT / "configs/demo_smollm2.yaml")
     assert (cfg.model.connector_init, cfg.optim.connector_lr, cfg.optim.lr) == ("match_embeddings", 1e-3, 2e-4)
+    assert cfg.model.train_vision and cfg.model.vision == "tiny"  # a random tower: the demo trains it
     assert cfg.data.template == cfg.eval.prompt == "smollm2" and not cfg.model.random_init
     assert demo.DEFAULT_CONFIG == "configs/demo_smollm2.yaml"
 
