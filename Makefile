@@ -19,8 +19,8 @@ $(VENV)/.installed: setup.py constraints.txt
 
 setup: $(VENV)/.installed
 
-# SmolLM2-135M-Instruct learns to answer questions about synthetic images (LoRA + projection
-# behind a random ViT), then is evaluated three ways (docs/demo.md). FAMILY=shapes: the other
+# SmolLM2-135M-Instruct learns to answer questions about synthetic images (LoRA, with the
+# projection and the random ViT trained), then is evaluated three ways (docs/demo.md). FAMILY=shapes: the other
 # synthetic family, in its own folders.
 FAMILY ?= radiology
 demo: smollm2

@@ -8,9 +8,8 @@ projection behind a small ViT, and evaluates the held-out split three ways: the 
 the same model with the images swapped across questions, and the majority-answer baseline. It
 prints the table, a few replies, and the wall and CPU time of training and of the whole run.
 
-No vision weights can be downloaded offline, so the ViT starts from random weights and stays
-frozen: a random tower is a fixed feature map that keeps what the images show (linear probes),
-and training it did not help. On the radiology family the recipe learns what the image shows,
+No vision weights can be downloaded offline, so the ViT starts from random weights and trains
+with the projection (`model.train_vision`). On the radiology family the recipe learns what the image shows,
 not only the answers' priors, thanks to the connector's scale at init (`model.connector_init:
 match_embeddings`) and its own learning rate (`optim.connector_lr`); on the shapes family it
 does not yet. docs/demo.md has the diagnosis, the ablations and the figures.
