@@ -104,7 +104,13 @@ def import_before_the_group(strategy: str, device: torch.device) -> None:
     if strategy == "deepspeed":
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.comm.torch  # noqa: F401
+        try:
+            import deepspeed.comm.torch  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                f"train.strategy=deepspeed needs DeepSpeed, which does not import here ({e}): "
+                "pip install 'pefomed[deepspeed]', or pick train.strategy=fsdp2 or ddp"
+            ) from e
 
 
 def attempt_store(rank: int, world_size: int) -> dist.Store:

@@ -150,3 +150,18 @@ def test_deepspeed_loads_with_its_options():
     cfg = load_config(None, ["train.strategy=deepspeed", "train.deepspeed_stage=3", "train.offload_optimizer=cpu",
                              "train.offload_params=cpu"])  # fmt: skip
     assert (cfg.train.deepspeed_stage, cfg.train.offload_optimizer, cfg.train.offload_params) == (3, "cpu", "cpu")
+
+
+def test_deepspeed_missing_is_a_config_error_that_names_the_fix(monkeypatch):
+    """The strategy imports DeepSpeed before it creates the process group (its backend would hold
+    the group otherwise): without DeepSpeed that is a clear error, and no group is created."""
+    import sys
+
+    import torch.distributed as dist
+
+    from pefomed.engine.distributed import init_distributed
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(ConfigError, match=r"train\.strategy=deepspeed needs DeepSpeed.*pefomed\[deepspeed\]"):
+        init_distributed("cpu", "deepspeed")
+    assert not dist.is_initialized()
