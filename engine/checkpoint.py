@@ -237,16 +237,18 @@ def _write_exports(folder: Path, full: dict[str, torch.Tensor], config: Config) 
         for name, t in full.items()
         if name.startswith("llm.") and (".lora_A." in name or ".lora_B." in name)
     }
-    projection = {
-        name[len("connector.") :]: t.contiguous() for name, t in full.items() if name.startswith("connector.")
-    }
-    vision = {name[len("vit.") :]: t.contiguous() for name, t in full.items() if name.startswith("vit.")}
+    projection, vision = _submodule_state(full, "connector."), _submodule_state(full, "vit.")
     save_file(adapter, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     save_file(projection, str(folder / "projection.safetensors"), metadata={"format": "pt"})
     if vision:
         save_file(vision, str(folder / VISION_FILE), metadata={"format": "pt"})
     write_adapter_config(folder / "adapter_config.json", peft_adapter_config(config.lora, config.model.llm, adapter))
     save_config(self_contained(config), folder / "config.yaml")
+
+
+def _submodule_state(full: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, named as the submodule names them."""
+    return {name[len(prefix) :]: t.contiguous() for name, t in full.items() if name.startswith(prefix)}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -452,6 +452,11 @@ def _arch(cfg: Config) -> Iterator[Problem]:
             "model.vision_checkpoint does not apply to model.arch=idefics2: its vision tower loads from the "
             "model.llm folder with the rest of the model; remove it"
         )
+    if m.train_vision and m.arch not in ARCH_CONNECTORS:
+        yield ("model.train_vision", "model.arch"), (
+            f"model.train_vision=true trains the ViT of the minigptv2 and llava assemblies; model.arch={m.arch} "
+            "brings its own pretrained tower (train it through lora.target_modules): set model.train_vision=false"
+        )
 
 
 # model.attn_implementation -> the package it imports and how to get it.
@@ -490,11 +495,6 @@ def _hot_path(cfg: Config) -> Iterator[Problem]:
         yield ("data.packing", "model.arch"), (
             "data.packing packs one square image per sample; model.arch=idefics2 takes several images of their "
             "own sizes per sample: set data.packing=false"
-        )
-    if m.train_vision and m.arch not in ARCH_CONNECTORS:
-        yield ("model.train_vision", "model.arch"), (
-            f"model.train_vision=true trains the ViT of the minigptv2 and llava assemblies; model.arch={m.arch} "
-            "brings its own pretrained tower (train it through lora.target_modules): set model.train_vision=false"
         )
     if m.train_vision and m.feature_cache:
         yield ("model.feature_cache", "model.train_vision"), (

@@ -164,13 +164,14 @@ def shutdown_distributed(leave_together: bool = False) -> None:
         else:
             dist.destroy_process_group()
         release_device_meshes()
-    gc.collect()  # a sharded model's modules and device mesh sit in reference cycles
-    if leave_together and gloo_threads():
-        logger.warning(
-            "the process group is destroyed but still referenced (%d gloo threads live): "
-            "drop the model before shutdown_distributed, or the process may abort at exit",
-            gloo_threads(),
-        )
+        gc.collect()  # a sharded model's modules and device mesh sit in reference cycles
+        live = gloo_threads()
+        if leave_together and live:
+            logger.warning(
+                "the process group is destroyed but still referenced (%d gloo threads live): "
+                "drop the model before shutdown_distributed, or the process may abort at exit",
+                live,
+            )
 
 
 def release_device_meshes() -> None:
@@ -179,8 +180,7 @@ def release_device_meshes() -> None:
     threads can finish their last work while it joins them."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    gc.collect()
-    for obj in gc.get_objects():
+    for obj in gc.get_objects():  # unreachable meshes too: the caller's collection frees them after
         if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
             obj._pg_registry.clear()
 
