@@ -27,6 +27,8 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -172,6 +174,19 @@ def shutdown_distributed(leave_together: bool = False) -> None:
                 "drop the model before shutdown_distributed, or the process may abort at exit",
                 live,
             )
+
+
+@contextmanager
+def leaving_together() -> Iterator[None]:
+    """A rank's work with the process group: at a normal end of the block, every rank waits for
+    the others and the group is destroyed (`shutdown_distributed(leave_together=True)`); after an
+    error it is destroyed at once. Run the work in a function of its own inside the block, so that
+    its model, which holds the group, is gone before the group is."""
+    try:
+        yield
+        shutdown_distributed(leave_together=True)
+    finally:
+        shutdown_distributed()  # after an error: no barrier (a no-op when already shut down)
 
 
 def release_device_meshes() -> None:

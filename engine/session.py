@@ -74,12 +74,9 @@ def build_parallel_model(cfg: Config, env: distributed.DistEnv):
 
 def train_from_config(cfg: Config) -> dict:
     env = distributed.init_distributed(cfg.train.device, cfg.train.strategy)
-    try:
+    with distributed.leaving_together():
         result = run_training(cfg, env)  # the model, its device mesh and the trainer die with that frame
-        distributed.shutdown_distributed(leave_together=True)
-        return result
-    finally:
-        distributed.shutdown_distributed()  # after an error: no barrier (a no-op when already shut down)
+    return result
 
 
 def run_training(cfg: Config, env: distributed.DistEnv) -> dict:

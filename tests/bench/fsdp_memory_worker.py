@@ -27,12 +27,9 @@ def main() -> None:
     out, batch_size, seq_len, answer, config, *overrides = sys.argv[1:]
     cfg = load_config(config, overrides)
     env = distributed.init_distributed("cpu", cfg.train.strategy)
-    try:
+    with distributed.leaving_together():
         record = measure(cfg, env, int(batch_size), int(seq_len), int(answer))  # the model dies with it
         Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
-        distributed.shutdown_distributed(leave_together=True)
-    finally:
-        distributed.shutdown_distributed()
 
 
 def measure(cfg, env, batch_size: int, seq_len: int, answer: int) -> dict:

@@ -548,12 +548,9 @@ def worker(mode: str, overrides: list[str] | dict, out: Path) -> None:
         return train(overrides, whole_build=mode == "train_whole", out=out)
     cfg = load(with_fsdp2(overrides))
     env = distributed.init_distributed("cpu", "fsdp2")
-    try:
+    with distributed.leaving_together():
         result = measure(mode, cfg, env)  # its models, and their device meshes, die with that frame
         (out / f"rank{env.rank}.json").write_text(json.dumps(result))
-        distributed.shutdown_distributed(leave_together=True)
-    finally:
-        distributed.shutdown_distributed()
 
 
 def measure(mode: str, cfg, env) -> dict:

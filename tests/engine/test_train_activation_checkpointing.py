@@ -131,9 +131,6 @@ def test_fsdp2_two_ranks_same_loss_and_gradients(tmp_path):
 
 if __name__ == "__main__":
     run_env = distributed.init_distributed("cpu")
-    try:
+    with distributed.leaving_together():
         out = compare("fsdp2", run_env)
         Path(sys.argv[1], f"rank{run_env.rank}.json").write_text(json.dumps(out))
-        distributed.shutdown_distributed(leave_together=True)
-    finally:
-        distributed.shutdown_distributed()

@@ -84,15 +84,12 @@ def steps(model: nn.Module, inputs: list[torch.Tensor]) -> tuple[list[torch.Tens
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
-    from pefomed.engine.distributed import shutdown_distributed
+    from pefomed.engine.distributed import leaving_together
 
     dist.init_process_group("gloo")
-    try:
+    with leaving_together():
         report = sharded_report()  # the sharded models, and their device mesh, die with that frame
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
-        shutdown_distributed(leave_together=True)
-    finally:
-        shutdown_distributed()
 
 
 def sharded_report() -> dict:
