@@ -1,0 +1,156 @@
+"""Diagnostics behind docs/demo.md's shapes ablations 16-20: the ones the demo command cannot express.
+
+Each subcommand either writes a variant of the shapes data, or runs `pefomed` with one change
+made in-process; the demo itself, its data and its scoring are untouched. Run from the checkout:
+
+    python docs/demo_ablations.py flat-data                 # data/x_flat_shapes: one background grey
+    python docs/demo_ablations.py caption-data              # data/x_captq_shapes: caption in the question
+    python docs/demo_ablations.py align --steps 1500 --out runs/aligned_shapes.pt
+    python docs/demo_ablations.py run --centre-pixels -- demo --config configs/demo_smollm2.yaml --family shapes ...
+    python docs/demo_ablations.py run --aligned runs/aligned_shapes.pt -- demo --config ... --family shapes ...
+
+`align` trains the fresh tower and grouped projection alone, without the LLM, to match the
+LLM's own input embeddings of each image's caption words (a FILIP-style token max-similarity
+contrastive loss over batches of 64 images), then scales the projection's output to the
+embeddings' RMS; `run --aligned` starts the demo from those weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = Path("data/demo_smollm2_shapes")
+
+
+def flat_data(out: Path) -> None:
+    """The shapes family with every background at one grey (0.45); same scenes, same questions."""
+    from pefomed.engine.data import synthetic, synthetic_shapes
+
+    drawn = synthetic_shapes.sample_scene
+    synthetic_shapes.sample_scene = lambda rng: dataclasses.replace(drawn(rng), background=0.45)
+    synthetic.generate(out, n_train=3000, n_test=300, image_size=64, seed=0, family="shapes")
+
+
+def caption_data(out: Path) -> None:
+    """The shapes questions with their image's caption written in front of them (an upper bound:
+    the LLM given in words what the image shows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "images").exists():
+        os.symlink((SHAPES / "images").resolve(), out / "images")
+    for name in ("dataset.json", "captions_train.json", "captions_test.json"):
+        shutil.copy(SHAPES / name, out / name)
+    for split in ("train", "test"):
+        captions = {c["image"]: c["caption"] for c in json.loads((SHAPES / f"captions_{split}.json").read_text())}
+        items = json.loads((SHAPES / f"{split}set.json").read_text())
+        for item in items:
+            item["question"] = f"{captions[item['image_name']]} {item['question']}"
+        (out / f"{split}set.json").write_text(json.dumps(items, indent=1) + "\n")
+
+
+def align(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, temperature: float = 0.05) -> None:
+    from transformers import AutoTokenizer
+
+    from pefomed.engine.build import build_model
+    from pefomed.engine.config import load_config
+    from pefomed.engine.data.images import load_image
+
+    torch.manual_seed(0)
+    cfg = load_config("configs/demo_smollm2.yaml")
+    model = build_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
+    captions = json.loads((SHAPES / "captions_train.json").read_text())
+    pixels = torch.stack([load_image(SHAPES / "images" / c["image"], cfg.model.image_size) for c in captions])
+    table = model.llm.get_input_embeddings().weight.detach()
+    ids = [tokenizer(c["caption"], add_special_tokens=False)["input_ids"] for c in captions]
+    words = torch.zeros(len(ids), max(map(len, ids)), table.shape[1])
+    mask = torch.zeros(words.shape[:2])
+    for i, row in enumerate(ids):
+        words[i, : len(row)], mask[i, : len(row)] = table[row], 1.0
+    words = F.normalize(words, dim=-1)
+    params = [*model.vit.parameters(), *model.connector.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start = time.time()
+    for step in range(steps):
+        pick = torch.randint(len(ids), (batch,))
+        tokens = F.normalize(model.connector(model._vit_features(pixels[pick])), dim=-1)
+        best = torch.einsum("itd,jwd->ijwt", tokens, words[pick]).max(-1).values  # each word's best token
+        score = (best * mask[pick]).sum(-1) / mask[pick].sum(-1)  # [image, caption]
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(score / temperature, target) + F.cross_entropy(score.T / temperature, target)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 250 == 0 or step == steps - 1:
+            hit = (score.argmax(1) == target).float().mean().item()
+            print(f"step {step}: loss {loss.item():.3f}, in-batch retrieval {hit:.2f}, {time.time() - start:.0f} s")
+    with torch.no_grad():
+        rms = model.connector(model._vit_features(pixels[:256])).pow(2).mean().sqrt()
+        last = [m for m in model.connector.modules() if isinstance(m, torch.nn.Linear)][-1]
+        factor = (table.pow(2).mean().sqrt() / rms).item()
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+    state = {f"vit.{k}": v for k, v in model.vit.state_dict().items()}
+    state |= {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    print(f"wrote {out}; projection output scaled by {factor:.4f} to the embeddings' RMS")
+
+
+def run(args: list[str], centre_pixels: bool, aligned: str | None) -> int:
+    from pefomed.engine import build
+    from pefomed.engine.data import images
+
+    if centre_pixels:  # each image minus its own mean over pixels and channels
+        to_tensor = images.to_tensor
+        images.to_tensor = lambda img, size: (lambda x: x - x.mean())(to_tensor(img, size))
+    if aligned:
+        build_model = build.build_model
+
+        def with_aligned(cfg, *a, **k):
+            model = build_model(cfg, *a, **k)
+            state = torch.load(aligned, weights_only=True)
+            model.vit.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vit.")})
+            model.connector.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("connector.")})
+            print(f"the tower and projection start from {aligned}", flush=True)
+            return model
+
+        build.build_model = with_aligned
+    from pefomed.cli import main
+
+    return main(args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("flat-data").add_argument("--out", type=Path, default=Path("data/x_flat_shapes"))
+    sub.add_parser("caption-data").add_argument("--out", type=Path, default=Path("data/x_captq_shapes"))
+    a = sub.add_parser("align")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--steps", type=int, default=1500)
+    r = sub.add_parser("run")
+    r.add_argument("--centre-pixels", action="store_true")
+    r.add_argument("--aligned")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    ns = parser.parse_args()
+    if ns.command == "flat-data":
+        flat_data(ns.out)
+    elif ns.command == "caption-data":
+        caption_data(ns.out)
+    elif ns.command == "align":
+        align(ns.out, ns.steps)
+    else:
+        sys.exit(run([x for x in ns.rest if x != "--"], ns.centre_pixels, ns.aligned))
