@@ -3,6 +3,7 @@
 Each subcommand either writes a variant of the shapes data, or runs `pefomed` with one change
 made in-process; the demo itself, its data and its scoring are untouched. Run from the checkout:
 
+    python docs/demo_ablations.py features                  # what varies in the shapes features
     python docs/demo_ablations.py flat-data                 # data/x_flat_shapes: one background grey
     python docs/demo_ablations.py caption-data              # data/x_captq_shapes: caption in the question
     python docs/demo_ablations.py align --steps 1500 --out runs/aligned_shapes.pt
@@ -30,6 +31,32 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = Path("data/demo_smollm2_shapes")
+
+
+def features(root: Path, n: int = 400) -> None:
+    """How the fresh tower's features (behind ln_vision) vary across the first `n` training images:
+    the share of their across-image energy that all tokens of an image share, and the share that
+    the image's mean pixel value explains linearly."""
+    from pefomed.engine.build import build_model
+    from pefomed.engine.config import load_config
+    from pefomed.engine.data.images import load_image
+
+    torch.manual_seed(0)
+    cfg = load_config("configs/demo_smollm2.yaml")
+    model = build_model(cfg).eval()
+    names = sorted(p.name for p in (root / "images").glob("*_train_*.png"))[:n]
+    pixels = torch.stack([load_image(root / "images" / name, cfg.model.image_size) for name in names])
+    with torch.no_grad():
+        f = model.encode_images(pixels).double()  # [n, tokens, width]
+    varying = f - f.mean(0, keepdim=True)  # what differs from the same token of the average image
+    shared = varying.mean(1, keepdim=True)  # the part every token of an image shares
+    brightness = pixels.double().mean((1, 2, 3))
+    b = brightness - brightness.mean()
+    flat = varying.reshape(len(names), -1)
+    explained = (b[:, None] * ((flat * b[:, None]).sum(0) / (b * b).sum())[None]).pow(2).sum() / flat.pow(2).sum()
+    print(f"{root}: {len(names)} images; across-image share of the feature energy "
+          f"{varying.pow(2).sum() / f.pow(2).sum():.3f}, of that shared by all tokens of an image "
+          f"{shared.pow(2).sum() * f.shape[1] / varying.pow(2).sum():.3f}, explained by mean brightness {explained:.3f}")
 
 
 def flat_data(out: Path) -> None:
@@ -136,6 +163,7 @@ def run(args: list[str], centre_pixels: bool, aligned: str | None) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("features").add_argument("--data", type=Path, default=SHAPES)
     sub.add_parser("flat-data").add_argument("--out", type=Path, default=Path("data/x_flat_shapes"))
     sub.add_parser("caption-data").add_argument("--out", type=Path, default=Path("data/x_captq_shapes"))
     a = sub.add_parser("align")
@@ -146,7 +174,9 @@ if __name__ == "__main__":
     r.add_argument("--aligned")
     r.add_argument("rest", nargs=argparse.REMAINDER)
     ns = parser.parse_args()
-    if ns.command == "flat-data":
+    if ns.command == "features":
+        features(ns.data)
+    elif ns.command == "flat-data":
         flat_data(ns.out)
     elif ns.command == "caption-data":
         caption_data(ns.out)
