@@ -84,7 +84,11 @@ def caption_data(out: Path) -> None:
         (out / f"{split}set.json").write_text(json.dumps(items, indent=1) + "\n")
 
 
-def align(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, temperature: float = 0.05) -> None:
+def align(out: Path, steps: int, loss_kind: str = "contrastive", batch: int = 64, lr: float = 1e-3,
+          temperature: float = 0.05) -> None:
+    """`contrastive`: each image against the batch's captions, scored by the mean over a caption's
+    words of its best token's cosine. `words`: for every token id of the captions' vocabulary, is it
+    in this image's caption? (binary cross-entropy on the best token's cosine, a bias per word)."""
     from transformers import AutoTokenizer
 
     from pefomed.engine.build import build_model
@@ -104,18 +108,31 @@ def align(out: Path, steps: int, batch: int = 64, lr: float = 1e-3, temperature:
     for i, row in enumerate(ids):
         words[i, : len(row)], mask[i, : len(row)] = table[row], 1.0
     words = F.normalize(words, dim=-1)
+    vocab = sorted({t for row in ids for t in row})
+    present = torch.zeros(len(ids), len(vocab))
+    for i, row in enumerate(ids):
+        present[i, [vocab.index(t) for t in set(row)]] = 1.0
+    vocab_words = F.normalize(table[vocab], dim=-1)
+    bias = torch.zeros(len(vocab), requires_grad=True)
     params = [*model.vit.parameters(), *model.connector.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([*params, bias], lr=lr, weight_decay=0.0)
     start = time.time()
     for step in range(steps):
         pick = torch.randint(len(ids), (batch,))
         tokens = F.normalize(model.connector(model._vit_features(pixels[pick])), dim=-1)
-        best = torch.einsum("itd,jwd->ijwt", tokens, words[pick]).max(-1).values  # each word's best token
-        score = (best * mask[pick]).sum(-1) / mask[pick].sum(-1)  # [image, caption]
+        if loss_kind == "words":
+            best = torch.einsum("itd,wd->iwt", tokens, vocab_words).max(-1).values  # [image, word]
+            logits = best / temperature + bias
+            loss = F.binary_cross_entropy_with_logits(logits, present[pick])
+            score = logits @ (2 * present[pick] - 1).T  # agreement with each caption, for the retrieval figure
+        else:
+            best = torch.einsum("itd,jwd->ijwt", tokens, words[pick]).max(-1).values  # each word's best token
+            score = (best * mask[pick]).sum(-1) / mask[pick].sum(-1)  # [image, caption]
+            loss = (F.cross_entropy(score / temperature, torch.arange(batch))
+                    + F.cross_entropy(score.T / temperature, torch.arange(batch))) / 2
         target = torch.arange(batch)
-        loss = (F.cross_entropy(score / temperature, target) + F.cross_entropy(score.T / temperature, target)) / 2
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -169,6 +186,7 @@ if __name__ == "__main__":
     a = sub.add_parser("align")
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--steps", type=int, default=1500)
+    a.add_argument("--loss", choices=("contrastive", "words"), default="contrastive")
     r = sub.add_parser("run")
     r.add_argument("--centre-pixels", action="store_true")
     r.add_argument("--aligned")
@@ -181,6 +199,6 @@ if __name__ == "__main__":
     elif ns.command == "caption-data":
         caption_data(ns.out)
     elif ns.command == "align":
-        align(ns.out, ns.steps)
+        align(ns.out, ns.steps, ns.loss)
     else:
         sys.exit(run([x for x in ns.rest if x != "--"], ns.centre_pixels, ns.aligned))
