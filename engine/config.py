@@ -193,10 +193,24 @@ class EvalConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Before training, the fresh connector (and a tower that model.train_vision trains) learn alone,
+    without the LLM, to place each image's tokens near the LLM's embeddings of its caption's words
+    (engine/align.py). steps 0 (the default): no alignment."""
+
+    data: list[DatasetSpec] = field(default_factory=list)  # captioned images: kind caption, roco, ...
+    steps: int = 0
+    batch_size: int = 64  # images per step; the other captions of the batch are the negatives
+    lr: float = 1e-3
+    temperature: float = 0.05
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -268,6 +282,10 @@ RANGES: dict[str, Range] = {
     "train.log_every": AT_LEAST_1,
     "train.ac_every": AT_LEAST_1,
     "model.feature_cache_mb": AT_LEAST_1,
+    "align.steps": NON_NEGATIVE,
+    "align.batch_size": Range(2),  # a contrastive batch needs a negative
+    "align.lr": POSITIVE,
+    "align.temperature": POSITIVE,
     "eval.max_new_tokens": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
 }
@@ -320,6 +338,29 @@ def _connector_options(cfg: Config) -> Iterator[Problem]:
             f"model.connector_init={m.connector_init} is applied by the whole-model build, which "
             "train.strategy=fsdp2's sharded loading skips: use train.strategy=ddp or deepspeed, or "
             "model.connector_init=default")
+
+
+def _align(cfg: Config) -> Iterator[Problem]:
+    """align: where the caption alignment of a fresh vision side applies."""
+    a, m = cfg.align, cfg.model
+    if a.steps == 0:
+        return
+    if not a.data:
+        yield ("align.data", "align.steps"), (
+            f"align.steps={a.steps} but align.data is empty: add captioned images, e.g. "
+            "[{kind: caption, path: data/demo_smollm2, split: train}], or set align.steps=0")
+    if m.arch not in ARCH_CONNECTORS:
+        yield ("align.steps", "model.arch"), (
+            f"align.steps={a.steps} aligns a fresh minigptv2 or llava connector; model.arch={m.arch} brings its own: "
+            "set align.steps=0")
+    if m.projection_checkpoint is not None:
+        yield ("align.steps", "model.projection_checkpoint"), (
+            f"align.steps={a.steps} trains a fresh connector, but model.projection_checkpoint replaces it: remove "
+            "one of them")
+    if cfg.train.strategy not in ("single", "ddp"):
+        yield ("align.steps", "train.strategy"), (
+            f"align.steps={a.steps} runs on the whole model before it is sharded, which "
+            f"train.strategy={cfg.train.strategy} does not build: use train.strategy=single or ddp, or set align.steps=0")
 
 
 def _deepspeed_stage(cfg: Config) -> Iterator[Problem]:
@@ -397,9 +438,10 @@ def _image_grid(cfg: Config) -> Iterator[Problem]:
 def _datasets(cfg: Config) -> Iterator[Problem]:
     from pefomed.engine.data.readers import READERS, split_names
 
-    for part in ("train", "eval"):
-        for i, spec in enumerate(getattr(cfg.data, part)):
-            where = f"data.{part}[{i}]"
+    parts = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "align.data": cfg.align.data}
+    for part, specs in parts.items():
+        for i, spec in enumerate(specs):
+            where = f"{part}[{i}]"
             if spec.kind not in READERS:
                 yield (f"{where}.kind",), f"{where}.kind={spec.kind!r} is not one of: {', '.join(READERS)}"
             elif spec.split not in split_names(spec.kind):
@@ -516,7 +558,7 @@ def _hot_path(cfg: Config) -> Iterator[Problem]:
 
 # Rules that tie options together, each yielding what is wrong.
 RULES: tuple[Callable[[Config], Iterator[Problem]], ...] = (
-    _lr_order, _connector_options, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets, _augment, _arch,
+    _lr_order, _connector_options, _align, _deepspeed_stage, _target_modules, _random_init_llm, _image_grid, _datasets, _augment, _arch,
     _attention_backend, _hot_path,
 )
 

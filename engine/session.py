@@ -40,10 +40,35 @@ def build_config(cfg: Config) -> Config:
     return checkpoint.self_contained(copy.deepcopy(cfg))
 
 
-def build_parallel_model(cfg: Config, env: distributed.DistEnv):
+def align_vision(model, cfg: Config, tokenizer, env: distributed.DistEnv) -> None:
+    """`align:` (engine/align.py) on a freshly built model; a run that will resume from its own
+    checkpoint skips it, since the checkpoint's connector and tower replace what it would train.
+    Every rank aligns alike (same seed, same data); DDP then starts from rank 0's weights."""
+    a = cfg.align
+    if a.steps == 0:
+        return
+    if cfg.train.resume and checkpoint.latest_checkpoint(cfg.train.output_dir) is not None:
+        logger.info("align: skipped, the run resumes from its checkpoint")
+        return
+    from pefomed.engine.align import align_to_captions
+
+    samples = load_samples(a.data, cfg, env.is_main)
+    result = align_to_captions(model, samples, tokenizer, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                               temperature=a.temperature, image_size=cfg.model.image_size, seed=cfg.train.seed,
+                               progress=env.is_main and cfg.train.progress_bar)
+    if env.is_main:
+        logger.info(
+            "align: %d steps on %d captioned images in %.0f s, loss %.3f -> %.3f, in-batch retrieval %.2f; "
+            "connector output scaled by %.4f", result.steps, len(samples), result.seconds, result.first_loss,
+            result.last_loss, result.retrieval, result.output_scale)
+
+
+def build_parallel_model(cfg: Config, env: distributed.DistEnv, tokenizer=None):
     """The model under `train.strategy`, and the runtime that steps it (None: the trainer's
     `TorchRuntime`). fsdp2 builds on the meta device and loads each rank's shards
-    (`engine.sharded_loading`); deepspeed hands the model to `deepspeed.initialize`."""
+    (`engine.sharded_loading`); deepspeed hands the model to `deepspeed.initialize`. With
+    `align.steps` (single and ddp only) the fresh vision side is aligned before the strategy
+    wraps the model; that needs the run's `tokenizer`."""
     strategy, dtype = cfg.train.strategy, DTYPES[cfg.model.dtype]
     distributed.check_strategy(strategy, env)
     model_cfg = build_config(cfg)
@@ -57,6 +82,10 @@ def build_parallel_model(cfg: Config, env: distributed.DistEnv):
             ), None
         logger.info("fsdp2: %s is built whole on every rank, then sharded", why_not)
     model = build_model(model_cfg, env.device)
+    if cfg.align.steps:
+        if tokenizer is None:
+            raise ValueError("align.steps > 0: build_parallel_model needs the run's tokenizer")
+        align_vision(model, cfg, tokenizer, env)
     model = distributed.apply_strategy(
         model,
         strategy,
@@ -84,7 +113,7 @@ def run_training(cfg: Config, env: distributed.DistEnv) -> dict:
     samples = load_samples(cfg.data.train, cfg, env.is_main)
     tokenizer = load_run_tokenizer(cfg)
     fit_vocab_to_tokenizer(cfg, tokenizer)
-    model, runtime = build_parallel_model(cfg, env)
+    model, runtime = build_parallel_model(cfg, env, tokenizer)
     if cfg.train.compile:  # after the strategy: its hooks stay eager around each compiled layer
         from pefomed.engine.compile import compile_layers
 

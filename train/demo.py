@@ -78,6 +78,7 @@ def for_family(cfg: Config, family: str) -> Config:
         return [dataclasses.replace(s, path=f"{s.path}_{family}") if s.path in folders else s for s in specs]
 
     data = dataclasses.replace(cfg.data, synthetic_family=family, train=moved(cfg.data.train), eval=moved(cfg.data.eval))
+    align = dataclasses.replace(cfg.align, data=moved(cfg.align.data))
     train = dataclasses.replace(cfg.train, output_dir=f"{cfg.train.output_dir}_{family}")
     model = cfg.model
     tokenizer = Path(model.tokenizer) if model.tokenizer else None
@@ -85,7 +86,7 @@ def for_family(cfg: Config, family: str) -> Config:
         if tokenizer is not None and tokenizer.is_relative_to(folder):
             moved_to = Path(f"{folder}_{family}") / tokenizer.relative_to(folder)
             model = dataclasses.replace(model, tokenizer=str(moved_to))
-    return dataclasses.replace(cfg, model=model, data=data, train=train)
+    return dataclasses.replace(cfg, model=model, data=data, align=align, train=train)
 
 
 def vqa_train_and_test(cfg: Config) -> tuple[list, list]:
