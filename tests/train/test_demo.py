@@ -29,6 +29,7 @@ def tiny(tmp_path: Path) -> list[str]:
         "lora.dropout=0.0", "eval.max_new_tokens=3", "eval.batch_size=16",
         # the recipe's engine options, at tiny size
         "model.connector_init=match_embeddings", "optim.connector_lr=5e-3", "model.train_vision=true",
+        f"align.data=[{{kind: caption, path: {data}, split: train}}]", "align.steps=4", "align.batch_size=8",
     ]
 
 
@@ -94,7 +95,8 @@ def test_for_family_moves_the_synthetic_data_and_the_run():
 
 def test_the_recipe_config_loads_with_its_engine_options():
     cfg = load_config(ROOT / "configs/demo_smollm2.yaml")
-    assert (cfg.model.connector_init, cfg.optim.connector_lr, cfg.optim.lr) == ("match_embeddings", 1e-3, 2e-4)
+    assert (cfg.model.connector_init, cfg.optim.connector_lr, cfg.optim.lr) == ("match_embeddings", 2e-4, 2e-4)
+    assert cfg.align.steps == 1500 and [s.kind for s in cfg.align.data] == ["caption"]
     assert cfg.model.train_vision and cfg.model.vision == "tiny"  # a random tower: the demo trains it
     assert cfg.data.template == cfg.eval.prompt == "smollm2" and not cfg.model.random_init
     assert demo.DEFAULT_CONFIG == "configs/demo_smollm2.yaml"
