@@ -7,7 +7,8 @@ depend on a few tokens of it (which colour, which shape, where), the LLM learns 
 priors and never reads the image (docs/demo.md, ablations 14-22). This stage teaches the vision
 side first, without the LLM: the connector (and the tower, when `model.train_vision` trains it)
 learns to place, for each image, tokens near the LLM's own input embeddings of the words of its
-caption, against the other captions of the batch.
+caption, against the other captions of the batch. A VQA set without captions can stand in: an
+image's questions and answers are then its text (`image_texts`).
 
 The loss is a token-wise contrastive one (FILIP's late interaction): caption j scores image i by
 the mean over its words of the best cosine between that word's embedding and any of the image's
@@ -78,25 +79,36 @@ class AlignResult:
     seconds: float
 
 
+def image_texts(samples) -> dict[str, str]:
+    """Each image's text to align with: its caption or report, or, for a VQA dataset without
+    captions, its questions and answers ("is there a red object? no ..."), in the order read. An
+    image named by several samples gets their texts joined."""
+    texts: dict[str, list[str]] = {}
+    for sample in samples:
+        text = f"{sample.question} {sample.answer}" if sample.prompt_kind == "vqa" else sample.answer
+        texts.setdefault(sample.image_path, []).append(text.strip())
+    return {path: " ".join(parts) for path, parts in texts.items()}
+
+
 def _images(samples, image_size: int) -> tuple[torch.Tensor, list[str]]:
     pixels, captions = [], []
-    for sample in samples:
+    for path, text in image_texts(samples).items():
         try:
-            pixels.append(load_image(sample.image_path, image_size))
+            pixels.append(load_image(path, image_size))
         except ImageLoadError as e:
             logger.warning("align: skipped %s", e)
             continue
-        captions.append(sample.answer)
+        captions.append(text)
     if len(captions) < 2:
-        raise ValueError(f"align.data gives {len(captions)} readable captioned images; the contrastive "
+        raise ValueError(f"align.data gives {len(captions)} readable images with text; the contrastive "
                          "alignment needs at least 2")
     return torch.stack(pixels), captions
 
 
 def align_to_captions(model, samples, tokenizer, *, steps: int, batch_size: int, lr: float, temperature: float,
                       image_size: int, seed: int, progress: bool = False) -> AlignResult:
-    """Train `model.connector` (and `model.vit` when `model.train_vit`) for `steps` on `samples`
-    (captioned images: `Sample.answer` is the caption), then scale the connector's output to the
+    """Train `model.connector` (and `model.vit` when `model.train_vit`) for `steps` on the images of
+    `samples` and their texts (`image_texts`: captions, or a VQA set's questions and answers), then scale the connector's output to the
     embeddings' RMS. The LLM is not touched. Deterministic for a given `seed`."""
     start = time.perf_counter()
     device = next(model.connector.parameters()).device

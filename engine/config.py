@@ -198,7 +198,9 @@ class AlignConfig:
     without the LLM, to place each image's tokens near the LLM's embeddings of its caption's words
     (engine/align.py). steps 0 (the default): no alignment."""
 
-    data: list[DatasetSpec] = field(default_factory=list)  # captioned images: kind caption, roco, ...
+    # Images with text: captions or reports (kind caption, roco, mimic, ...), or a VQA set, whose
+    # questions and answers stand in for a caption (engine.align.image_texts).
+    data: list[DatasetSpec] = field(default_factory=list)
     steps: int = 0
     batch_size: int = 64  # images per step; the other captions of the batch are the negatives
     lr: float = 1e-3

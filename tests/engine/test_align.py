@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pefomed.engine.align import align_to_captions, caption_scores, contrastive_loss, word_embeddings
+from pefomed.engine.align import align_to_captions, caption_scores, contrastive_loss, image_texts, word_embeddings
 from pefomed.engine.build import build_model, embedding_rms
 from pefomed.engine.checkpoint import VISION_FILE, latest_checkpoint
 from pefomed.engine.config import ConfigError, load_config
@@ -69,6 +69,15 @@ def test_word_embeddings_are_the_tables_rows_normalized_and_an_empty_caption_is_
     assert torch.equal(words[1, 1], torch.zeros(4))
     with pytest.raises(ValueError, match="caption 1 is empty"):
         word_embeddings(["a", ""], Words(), table)
+
+
+def test_an_images_text_is_its_caption_or_its_questions_and_answers():
+    from pefomed.engine.data.readers import Sample
+
+    samples = [Sample("a.png", "caption", None, "A red circle."), Sample("b.png", "vqa", "is there a square?", "yes"),
+               Sample("b.png", "vqa", "how many objects are there?", "2"), Sample("c.png", "report", None, " Clear. ")]
+    assert image_texts(samples) == {"a.png": "A red circle.", "b.png": "is there a square? yes how many objects are there? 2",
+                                    "c.png": "Clear."}
 
 
 @pytest.mark.parametrize("train_vision", [True, False])
