@@ -84,7 +84,7 @@ def caption_data(out: Path) -> None:
         (out / f"{split}set.json").write_text(json.dumps(items, indent=1) + "\n")
 
 
-def align(out: Path, steps: int, loss_kind: str = "contrastive", batch: int = 64, lr: float = 1e-3,
+def align(out: Path, steps: int, loss_kind: str = "contrastive", root: Path = SHAPES, batch: int = 64, lr: float = 1e-3,
           temperature: float = 0.05) -> None:
     """`contrastive`: each image against the batch's captions, scored by the mean over a caption's
     words of its best token's cosine. `words`: for every token id of the captions' vocabulary, is it
@@ -99,8 +99,8 @@ def align(out: Path, steps: int, loss_kind: str = "contrastive", batch: int = 64
     cfg = load_config("configs/demo_smollm2.yaml")
     model = build_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
-    captions = json.loads((SHAPES / "captions_train.json").read_text())
-    pixels = torch.stack([load_image(SHAPES / "images" / c["image"], cfg.model.image_size) for c in captions])
+    captions = json.loads((root / "captions_train.json").read_text())
+    pixels = torch.stack([load_image(root / "images" / c["image"], cfg.model.image_size) for c in captions])
     table = model.llm.get_input_embeddings().weight.detach()
     ids = [tokenizer(c["caption"], add_special_tokens=False)["input_ids"] for c in captions]
     words = torch.zeros(len(ids), max(map(len, ids)), table.shape[1])
@@ -187,6 +187,7 @@ if __name__ == "__main__":
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--steps", type=int, default=1500)
     a.add_argument("--loss", choices=("contrastive", "words"), default="contrastive")
+    a.add_argument("--data", type=Path, default=SHAPES, help="a synthetic folder with captions_train.json")
     r = sub.add_parser("run")
     r.add_argument("--centre-pixels", action="store_true")
     r.add_argument("--aligned")
@@ -199,6 +200,6 @@ if __name__ == "__main__":
     elif ns.command == "caption-data":
         caption_data(ns.out)
     elif ns.command == "align":
-        align(ns.out, ns.steps, ns.loss)
+        align(ns.out, ns.steps, ns.loss, ns.data)
     else:
         sys.exit(run([x for x in ns.rest if x != "--"], ns.centre_pixels, ns.aligned))
