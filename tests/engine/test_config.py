@@ -108,6 +108,10 @@ OUT_OF_RANGE = [
     ("train.ac_every=0", ">= 1"),
     ("eval.batch_size=0", ">= 1"),
     ("eval.max_new_tokens=0", ">= 1"),
+    ("align.steps=-1", ">= 0"),
+    ("align.batch_size=1", ">= 2"),
+    ("align.lr=0", "> 0"),
+    ("align.temperature=0", "> 0"),
 ]
 
 # The bounds themselves, where they are allowed, load.
@@ -116,6 +120,7 @@ AT_THE_BOUND = [
     "optim.warmup_steps=0", "optim.grad_clip=0", "lora.r=1", "lora.dropout=0", "data.max_bad_fraction=0",
     "data.max_bad_fraction=1", "data.short_prompt_prob=1", "data.num_workers=0", "train.micro_batch_size=1",
     "data.max_length=1", "eval.batch_size=1", "eval.max_new_tokens=1", "data.synthetic_train=1",
+    "align.steps=0", "align.batch_size=2",
 ]
 
 
