@@ -72,6 +72,7 @@ def contrastive_loss(scores: torch.Tensor, temperature: float) -> torch.Tensor:
 @dataclass
 class AlignResult:
     steps: int
+    images: int  # the distinct images aligned with their texts
     first_loss: float
     last_loss: float
     retrieval: float  # in-batch image -> caption top-1 accuracy over the last 10% of the steps
@@ -153,7 +154,7 @@ def align_to_captions(model, samples, tokenizer, *, steps: int, batch_size: int,
         factor = embedding_rms(model.llm) / float(out.pow(2).mean().sqrt())
         connectors.scale_output_(model.connector, factor)
     tail = max(1, steps // 10)
-    return AlignResult(steps=steps, first_loss=losses[0] if losses else float("nan"),
+    return AlignResult(steps=steps, images=len(captions), first_loss=losses[0] if losses else float("nan"),
                        last_loss=sum(losses[-tail:]) / len(losses[-tail:]) if losses else float("nan"),
                        retrieval=sum(hits[-tail:]) / len(hits[-tail:]) if hits else float("nan"),
                        output_scale=factor, seconds=time.perf_counter() - start)

@@ -58,8 +58,8 @@ def align_vision(model, cfg: Config, tokenizer, env: distributed.DistEnv) -> Non
                                progress=env.is_main and cfg.train.progress_bar)
     if env.is_main:
         logger.info(
-            "align: %d steps on %d captioned images in %.0f s, loss %.3f -> %.3f, in-batch retrieval %.2f; "
-            "connector output scaled by %.4f", result.steps, len(samples), result.seconds, result.first_loss,
+            "align: %d steps on %d images with their texts in %.0f s, loss %.3f -> %.3f, in-batch retrieval %.2f; "
+            "connector output scaled by %.4f", result.steps, result.images, result.seconds, result.first_loss,
             result.last_loss, result.retrieval, result.output_scale)
 
 

@@ -96,6 +96,7 @@ def test_alignment_trains_only_the_vision_side_and_learns_to_pick_each_images_ca
     assert changed and all(k.startswith(("connector.", "vit.")) for k in changed)
     assert any(k.startswith("vit.") for k in changed) == train_vision
     assert result.last_loss < result.first_loss
+    assert result.images == len({s.image_path for s in samples})
     assert result.retrieval > 4 / 16  # chance is 1/16
     # The output is scaled to the embeddings' RMS on the alignment images.
     from pefomed.engine.data.images import load_image
