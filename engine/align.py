@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pefomed.engine.build import embedding_rms
+from pefomed.engine.build import scale_connector_to_embeddings
 from pefomed.engine.data.images import ImageLoadError, load_image
-from pefomed.models import connectors
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +145,8 @@ def align_to_captions(model, samples, tokenizer, *, steps: int, batch_size: int,
     if bar is not None:
         bar.close()
     model.train(was_training)
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:  # AdamW's state and the last gradients are not part of the training run
-        p.grad = None
-    with torch.no_grad():
-        out = model.connector(model.encode_images(pixels[:256].to(device))).float()
-        factor = embedding_rms(model.llm) / float(out.pow(2).mean().sqrt())
-        connectors.scale_output_(model.connector, factor)
+    optimizer.zero_grad(set_to_none=True)  # the last gradients are not part of the training run
+    factor = scale_connector_to_embeddings(model, pixels[:256], "the alignment images")
     tail = max(1, steps // 10)
     return AlignResult(steps=steps, images=len(captions), first_loss=losses[0] if losses else float("nan"),
                        last_loss=sum(losses[-tail:]) / len(losses[-tail:]) if losses else float("nan"),

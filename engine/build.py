@@ -362,9 +362,16 @@ def match_connector_to_embeddings(model: VisionLanguageModel, image_size: int, *
     so the factor equals the one measured on real images (within 0.5% on both demo families), and
     the build needs no data and draws nothing from the global generator. Returns the factor.
     """
-    param = next(model.vit.parameters())
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(n_images, 3, image_size, image_size, generator=generator)
+    return scale_connector_to_embeddings(model, pixels, "the probe images")
+
+
+@torch.no_grad()
+def scale_connector_to_embeddings(model: VisionLanguageModel, pixels: torch.Tensor, what: str) -> float:
+    """Scale the connector so that its output on `pixels` (`what` they are, for the error) has the
+    RMS of the LLM's input embeddings; returns the factor."""
+    param = next(model.vit.parameters())
     was_training = model.training
     model.eval()
     feats = model.encode_images(pixels.to(device=param.device, dtype=param.dtype))
@@ -373,7 +380,7 @@ def match_connector_to_embeddings(model: VisionLanguageModel, image_size: int, *
     model.train(was_training)
     rms = float(out.pow(2).mean().sqrt())
     if not rms > 0:
-        raise ValueError(f"the connector's output on the probe images has RMS {rms}: nothing to scale")
+        raise ValueError(f"the connector's output on {what} has RMS {rms}: nothing to scale")
     factor = embedding_rms(model.llm) / rms
     connectors.scale_output_(model.connector, factor)
     return factor

@@ -47,6 +47,8 @@ def align_vision(model, cfg: Config, tokenizer, env: distributed.DistEnv) -> Non
     a = cfg.align
     if a.steps == 0:
         return
+    if tokenizer is None:
+        raise ValueError("align.steps > 0: build_parallel_model needs the run's tokenizer")
     if cfg.train.resume and checkpoint.latest_checkpoint(cfg.train.output_dir) is not None:
         logger.info("align: skipped, the run resumes from its checkpoint")
         return
@@ -82,10 +84,7 @@ def build_parallel_model(cfg: Config, env: distributed.DistEnv, tokenizer=None):
             ), None
         logger.info("fsdp2: %s is built whole on every rank, then sharded", why_not)
     model = build_model(model_cfg, env.device)
-    if cfg.align.steps:
-        if tokenizer is None:
-            raise ValueError("align.steps > 0: build_parallel_model needs the run's tokenizer")
-        align_vision(model, cfg, tokenizer, env)
+    align_vision(model, cfg, tokenizer, env)
     model = distributed.apply_strategy(
         model,
         strategy,
